@@ -1,0 +1,160 @@
+"""The TOML configuration: every host path the program touches, with production defaults.
+
+Loaded from ``--config FILE``, else ``$DMEM_LIBVIRT_CONFIG``, else ``/etc/dmem-libvirt/config.toml``
+(the hook reads only the default path: libvirt gives hooks no environment).  A missing default file
+means all defaults.  Unknown sections or keys and ill-typed values raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .units import parse_size
+
+DEFAULT_PATH = Path("/etc/dmem-libvirt/config.toml")
+ENV_VAR = "DMEM_LIBVIRT_CONFIG"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    sysfs: Path = Path("/sys")
+    proc: Path = Path("/proc")
+
+
+@dataclass(frozen=True)
+class DmemfsConfig:
+    mount: Path = Path("/dev/dmem")
+    debugfs: Path = Path("/sys/kernel/debug/dmem")
+    page_size: int | None = None
+    # node -> bytes, for hosts whose debugfs is absent
+    capacity: dict[int, int] = field(default_factory=dict)
+    emulate: bool = False
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    qemu_conf: Path = Path("/etc/libvirt/qemu.conf")
+    memory_backing_dir: Path | None = None
+    run_dir: Path = Path("/run/libvirt/qemu")
+    hooks_dir: Path = Path("/etc/libvirt/hooks")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: Path = Path("/var/lib/dmem-libvirt")
+    lock_timeout: float = 10.0
+    # Orphans younger than this are never collected: a start may be in flight.
+    orphan_grace: float = 300.0
+
+
+@dataclass(frozen=True)
+class PinConfig:
+    # 0 = one thread per CPU of the target node, at most 8.
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    host: HostConfig = field(default_factory=HostConfig)
+    dmemfs: DmemfsConfig = field(default_factory=DmemfsConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    pin: PinConfig = field(default_factory=PinConfig)
+    source: Path | None = None
+
+
+_SECTIONS: dict[str, type] = {
+    "host": HostConfig,
+    "dmemfs": DmemfsConfig,
+    "libvirt": LibvirtConfig,
+    "state": StateConfig,
+    "pin": PinConfig,
+}
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> Path:
+    """The config file to read: --config, else $DMEM_LIBVIRT_CONFIG, else the default."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ if environ is None else environ
+    if env.get(ENV_VAR):
+        return Path(env[ENV_VAR])
+    return DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str] | None = None, *, required: bool | None = None) -> Config:
+    """Read and validate the config file at ``path`` (see resolve_path)."""
+    file = Path(path) if path is not None else DEFAULT_PATH
+    must_exist = required if required is not None else file != DEFAULT_PATH
+    try:
+        with open(file, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError(f"config file {file} does not exist") from None
+        return Config()
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {file} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {file}: {err.strerror}") from None
+    return parse(raw, source=file)
+
+
+def parse(raw: dict[str, Any], *, source: Path | None = None) -> Config:
+    """Build a Config from decoded TOML, refusing unknown keys by name."""
+    where = f" in {source}" if source else ""
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown config section [{name}]{where}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}' must be a section{where}")
+        sections[name] = _section(name, _SECTIONS[name], value, where)
+    return Config(**sections, source=source)
+
+
+def _section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key [{name}] {key}{where}")
+        try:
+            kwargs[key] = _convert(name, key, value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad value for [{name}] {key}{where}: {err}") from None
+    return cls(**kwargs)
+
+
+def _convert(section: str, key: str, value: Any) -> Any:
+    if section == "dmemfs" and key == "capacity":
+        if not isinstance(value, dict):
+            raise TypeError("expected a table of node = size, e.g. 0 = \"16G\"")
+        out: dict[int, int] = {}
+        for node, size in value.items():
+            if not str(node).isdigit():
+                raise ValueError(f"node {node!r} is not a node number")
+            out[int(node)] = parse_size(size)
+        return out
+    if section == "dmemfs" and key == "page_size":
+        return parse_size(value)
+    if key in ("emulate",):
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    if key in ("lock_timeout", "orphan_grace"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise TypeError(f"expected a number of seconds, got {value!r}")
+        return float(value)
+    if key == "threads":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"expected a whole number, got {value!r}")
+        return value
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise TypeError(f"expected an absolute path, got {value!r}")
+    return Path(value)
