@@ -1,0 +1,432 @@
+"""Host reading: NUMA nodes from sysfs, dmem pools and page size from debugfs/statfs, libvirt's qemu.conf.
+
+Every path comes from the Config; nothing is read until a method asks for it, and nothing is cached
+that can change (free counts).  Parsers are strict: a missing or malformed file raises HostError with
+one line quoting the file and the offending text, and saying what to do when there is something to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+from .config import Config
+from .errors import HostError
+from .units import GiB, KiB, MiB, format_page_size
+
+DMEMFS_MAGIC = 0x2ACE90C6
+VALID_PAGE_SIZES = (4 * KiB, 2 * MiB, GiB)
+# libvirt's built-in default when qemu.conf leaves memory_backing_dir unset (src/qemu/qemu_conf.c).
+DEFAULT_MEMORY_BACKING_DIR = Path("/var/lib/libvirt/qemu/ram")
+
+_DECIMAL = re.compile(r"[0-9]+\n?")
+_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_NODE_DIR = re.compile(r"node([0-9]+)")
+_MOUNT_DEBUGFS = "mount -t debugfs none /sys/kernel/debug"
+_T = TypeVar("_T")
+
+
+def parse_cpulist(text: str) -> frozenset[int]:
+    """CPUs (or nodes) from the kernel's list format "0-3,8,10-11"; "" is empty.
+
+    Also takes libvirt's cpuset exclusions ("0-7,^3"), applied left to right as libvirt does.
+    Raises ValueError quoting the text.
+    """
+    body = text.strip()
+    if not body:
+        return frozenset()
+    cpus: set[int] = set()
+    for item in body.split(","):
+        part = item.strip()
+        try:
+            if part.startswith("^"):
+                cpus.discard(_cpu_number(part[1:]))
+            elif "-" in part:
+                low_text, high_text = part.split("-", 1)
+                low, high = _cpu_number(low_text), _cpu_number(high_text)
+                if low > high:
+                    raise ValueError(f"range {part!r} runs backwards")
+                cpus.update(range(low, high + 1))
+            else:
+                cpus.add(_cpu_number(part))
+        except ValueError as err:
+            raise ValueError(f"not a CPU list: {text!r} ({err})") from None
+    return frozenset(cpus)
+
+
+def _cpu_number(text: str) -> int:
+    stripped = text.strip()
+    if not stripped.isascii() or not stripped.isdigit():
+        raise ValueError(f"{text!r} is not a CPU number")
+    return int(stripped)
+
+
+def fs_magic(path: Path | str) -> int:
+    """The filesystem magic (statfs f_type) of the filesystem holding ``path``; raises OSError."""
+    return _statfs(path)[0]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node: int
+    cpus: frozenset[int]
+    # One entry per online node, in the order of the online list (the kernel prints for_each_online_node).
+    distances: tuple[int, ...]
+    mem_total: int
+    mem_free: int
+
+
+@dataclass(frozen=True)
+class DmemPool:
+    node: int
+    total: int
+    free: int
+
+
+class Host:
+    """Reads the host's NUMA topology and dmem state through the paths of one Config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._node_dir = config.host.sysfs / "devices" / "system" / "node"
+        self._debugfs = config.dmemfs.debugfs
+
+    # ---- NUMA topology ---------------------------------------------------------------------------
+
+    def online_nodes(self) -> list[int]:
+        path = self._node_dir / "online"
+        return sorted(_parse(path, _read(path), parse_cpulist))
+
+    def node(self, n: int) -> NodeInfo:
+        directory = self._node_dir / f"node{n}"
+        if not directory.is_dir():
+            raise HostError(f"host node {n} does not exist: no {directory} "
+                            f"(online nodes: {_format_nodes(self.online_nodes())})")
+        cpulist = directory / "cpulist"
+        distance = directory / "distance"
+        meminfo = directory / "meminfo"
+        cpus = _parse(cpulist, _read(cpulist), parse_cpulist)
+        distances = _parse(distance, _read(distance), _parse_distances)
+        fields = _parse_meminfo(meminfo, _read(meminfo), n)
+        return NodeInfo(n, cpus, distances, fields["MemTotal"], fields["MemFree"])
+
+    def nodes(self) -> list[NodeInfo]:
+        return [self.node(n) for n in self.online_nodes()]
+
+    def boot_id(self) -> str:
+        path = self.config.host.proc / "sys" / "kernel" / "random" / "boot_id"
+        text = _read(path)
+        value = text.strip()
+        if not _BOOT_ID.fullmatch(value):
+            raise HostError(f"cannot parse {path}: {text!r} is not a boot id (a UUID)")
+        return value
+
+    # ---- dmem ------------------------------------------------------------------------------------
+
+    def debugfs_available(self) -> bool:
+        """True when the dmem debugfs directory can be read (debugfs mounted, kernel built with it)."""
+        return os.access(self._debugfs / "dpage_shift", os.R_OK)
+
+    def dmem_page_size(self) -> int:
+        """Bytes per dmem page: debugfs dpage_shift, else statfs of the mount, else [dmemfs] page_size."""
+        configured = self.config.dmemfs.page_size
+        if configured is not None and configured not in VALID_PAGE_SIZES:
+            raise HostError(f"[dmemfs] page_size {configured} bytes is not a dmem page size "
+                            f"(expected 4K, 2M or 1G)")
+        kernel, source = self._kernel_page_size()
+        if kernel is None:
+            if configured is None:
+                raise HostError(
+                    f"cannot tell the dmem page size: {self._debugfs / 'dpage_shift'} is missing or "
+                    f"reads 0 and {self.config.dmemfs.mount} is not a mounted dmemfs; mount dmemfs "
+                    f"(mount -t dmemfs none -o pagesize=2M {self.config.dmemfs.mount}), mount debugfs "
+                    f"({_MOUNT_DEBUGFS}) or set [dmemfs] page_size in the config")
+            return configured
+        if kernel not in VALID_PAGE_SIZES:
+            raise HostError(f"{source} gives a dmem page size of {kernel} bytes; "
+                            f"expected 4 KiB, 2 MiB or 1 GiB")
+        if configured is not None and configured != kernel:
+            raise HostError(f"[dmemfs] page_size is {format_page_size(configured)} but {source} says "
+                            f"{format_page_size(kernel)}; fix the config or remount dmemfs")
+        return kernel
+
+    def dmem_pools(self) -> dict[int, DmemPool]:
+        """Per node that has dmem: total and free bytes (debugfs, else [dmemfs] capacity)."""
+        if self.debugfs_available():
+            return self._debugfs_pools()
+        capacity = self.config.dmemfs.capacity
+        if capacity:
+            # Without the kernel's counts, free is the declared capacity: the ledger accounts for usage.
+            return {node: DmemPool(node, size, size) for node, size in sorted(capacity.items())}
+        raise HostError(
+            f"no dmem statistics: {self._debugfs} cannot be read (debugfs not mounted, or a kernel "
+            f"without CONFIG_DMEM_DEBUG_FS); mount it ({_MOUNT_DEBUGFS}) or set [dmemfs.capacity] "
+            f"in the config")
+
+    def _kernel_page_size(self) -> tuple[int | None, str]:
+        shift_path = self._debugfs / "dpage_shift"
+        if self.debugfs_available():
+            shift = _read_decimal(shift_path)
+            # The RFC sets dpage_shift when dmemfs is first mounted; before that it reads 0.
+            if shift:
+                if shift >= 64:
+                    raise HostError(f"cannot parse {shift_path}: shift {shift} is out of range")
+                return 1 << shift, str(shift_path)
+        mount = self.config.dmemfs.mount
+        try:
+            magic, block_size = _statfs(mount)
+        except FileNotFoundError:
+            return None, ""
+        except OSError as err:
+            raise HostError(f"cannot statfs {mount}: {err.strerror}") from None
+        # dmemfs fills f_bsize with its page size (and leaves the block counts empty).
+        if magic == DMEMFS_MAGIC:
+            return block_size, f"statfs({mount})"
+        return None, ""
+
+    def _debugfs_pools(self) -> dict[int, DmemPool]:
+        nodes = self._debugfs_nodes()
+        counts = {node: (_read_decimal(self._debugfs / f"node{node}" / "total_dpages"),
+                         _read_decimal(self._debugfs / f"node{node}" / "free_dpages")) for node in nodes}
+        unmounted = not _read_decimal(self._debugfs / "dpage_shift")
+        if unmounted and not any(total for total, _ in counts.values()):
+            raise HostError(f"dmemfs has not been mounted since boot ({self._debugfs} counts read 0 until "
+                            f"then): mount -t dmemfs none -o pagesize=2M {self.config.dmemfs.mount}")
+        page = self.dmem_page_size()
+        pools = {}
+        for node, (total, free) in counts.items():
+            if free > total:
+                raise HostError(f"{self._debugfs / f'node{node}'} reports {free} free dmem pages of "
+                                f"{total} total")
+            pools[node] = DmemPool(node, total * page, free * page)
+        return pools
+
+    def _debugfs_nodes(self) -> list[int]:
+        # The RFC creates node<N>/ only for nodes that have dmem.
+        try:
+            names = os.listdir(self._debugfs)
+        except OSError as err:
+            raise HostError(f"cannot list {self._debugfs}: {err.strerror}") from None
+        return sorted(int(m.group(1)) for name in names if (m := _NODE_DIR.fullmatch(name)))
+
+    # ---- libvirt ---------------------------------------------------------------------------------
+
+    def memory_backing_dir(self) -> Path:
+        """Where libvirt puts file-backed guest RAM: the config override, else qemu.conf, else the default."""
+        override = self.config.libvirt.memory_backing_dir
+        if override is not None:
+            return override
+        path = self.config.libvirt.qemu_conf
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return DEFAULT_MEMORY_BACKING_DIR
+        except (OSError, UnicodeDecodeError) as err:
+            raise HostError(f"cannot read {path}: {_reason(err)}") from None
+        try:
+            value = _conf_value(text, "memory_backing_dir")
+        except ValueError as err:
+            raise HostError(f"cannot parse {path}: {err}") from None
+        if value is None:
+            return DEFAULT_MEMORY_BACKING_DIR
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise HostError(f"cannot parse {path}: memory_backing_dir = {value!r} is not an absolute path")
+        return Path(value)
+
+
+# ---- file reading and parsing -------------------------------------------------------------------
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise HostError(f"cannot read {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise HostError(f"cannot read {path}: {_reason(err)}") from None
+
+
+def _reason(err: OSError | UnicodeDecodeError) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return err.strerror or str(err)
+
+
+def _read_decimal(path: Path) -> int:
+    text = _read(path)
+    if not _DECIMAL.fullmatch(text):
+        raise HostError(f"cannot parse {path}: {text!r} is not a decimal number")
+    return int(text)
+
+
+def _parse(path: Path, text: str, parser: Callable[[str], _T]) -> _T:
+    try:
+        return parser(text)
+    except ValueError as err:
+        raise HostError(f"cannot parse {path}: {err}") from None
+
+
+def _parse_distances(text: str) -> tuple[int, ...]:
+    words = text.split()
+    if not words or not all(w.isascii() and w.isdigit() for w in words):
+        raise ValueError(f"{text!r} is not a row of node distances")
+    return tuple(int(w) for w in words)
+
+
+def _parse_meminfo(path: Path, text: str, node: int) -> dict[str, int]:
+    """MemTotal/MemFree in bytes from lines like "Node 0 MemTotal:  16384 kB"."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 4 or words[0] != "Node" or words[2] not in ("MemTotal:", "MemFree:"):
+            continue
+        if words[1] != str(node) or len(words) != 5 or words[4] != "kB" or not words[3].isdigit():
+            raise HostError(f"cannot parse {path}: {line!r} is not 'Node {node} {words[2]} <number> kB'")
+        found[words[2].rstrip(":")] = int(words[3]) * KiB
+    missing = [key for key in ("MemTotal", "MemFree") if key not in found]
+    if missing:
+        raise HostError(f"cannot parse {path}: no {' or '.join(missing)} line in {text[:80]!r}")
+    return found
+
+
+def _format_nodes(nodes: list[int]) -> str:
+    return ",".join(str(n) for n in nodes) or "none"
+
+
+# ---- libvirt's conf syntax (src/util/virconf.c) -------------------------------------------------
+# name = value, value being a quoted string ('...', "...", """..."""), an integer or a [list] that may
+# span lines; '#' starts a comment; statements end at a newline or ';'.  libvirt returns the first
+# entry of a repeated name, so the first wins here too.
+
+_CONF_TOKEN = (
+    r'''(?P<space>[ \t\r]+)|(?P<comment>\#[^\n]*)|(?P<eol>[\n;])|(?P<name>[A-Za-z][A-Za-z0-9_]*)'''
+    r'''|(?P<eq>=)|(?P<tstr>"""(?P<tval>.*?)""")|(?P<dstr>"(?P<dval>[^"\n]*)")|(?P<sstr>'(?P<sval>[^'\n]*)')'''
+    r'''|(?P<num>[-+]?[0-9]+)|(?P<open>\[)|(?P<close>\])|(?P<comma>,)'''
+)
+_CONF_STRINGS = {"tstr": "tval", "dstr": "dval", "sstr": "sval"}
+
+ConfValue: TypeAlias = "str | int | list[ConfValue]"
+
+
+def _conf_value(text: str, key: str) -> ConfValue | None:
+    """The value of ``key`` in a libvirt conf file, None when unset; ValueError on a syntax error."""
+    tokens = _conf_tokens(text)
+    position = 0
+    found: ConfValue | None = None
+    seen = False
+    while position < len(tokens):
+        kind, value, line = tokens[position]
+        if kind == "eol":
+            position += 1
+            continue
+        if kind != "name" or position + 1 >= len(tokens) or tokens[position + 1][0] != "eq":
+            raise ValueError(f"line {line}: expected 'name = value', found {value!r}")
+        parsed, position = _conf_parse_value(tokens, position + 2, line)
+        if position < len(tokens) and tokens[position][0] != "eol":
+            raise ValueError(f"line {tokens[position][2]}: unexpected {tokens[position][1]!r} after a value")
+        if value == key and not seen:
+            found, seen = parsed, True
+    return found
+
+
+def _conf_tokens(text: str) -> list[tuple[str, str, int]]:
+    tokens: list[tuple[str, str, int]] = []
+    # Compiled here, not at import: only memory_backing_dir() needs it.
+    pattern = re.compile(_CONF_TOKEN, re.DOTALL)
+    position, line = 0, 1
+    while position < len(text):
+        match = pattern.match(text, position)
+        if match is None:
+            snippet = text[position:].split("\n", 1)[0]
+            raise ValueError(f"line {line}: cannot read {snippet!r}")
+        kind = match.lastgroup or ""
+        raw = match.group(0)
+        if kind in _CONF_STRINGS:
+            tokens.append(("str", match.group(_CONF_STRINGS[kind]), line))
+        elif kind not in ("space", "comment"):
+            tokens.append((kind, raw, line))
+        line += raw.count("\n")
+        position = match.end()
+    return tokens
+
+
+def _conf_parse_value(tokens: list[tuple[str, str, int]], position: int, line: int) -> tuple[ConfValue, int]:
+    if position >= len(tokens) or tokens[position][0] == "eol":
+        raise ValueError(f"line {line}: expected a value after '='")
+    kind, value, line = tokens[position]
+    if kind == "str":
+        return value, position + 1
+    if kind == "num":
+        return int(value), position + 1
+    if kind != "open":
+        raise ValueError(f"line {line}: expected a value, found {value!r}")
+    items: list[ConfValue] = []
+    position += 1
+    expect_item = True
+    while True:
+        while position < len(tokens) and tokens[position][0] == "eol" and tokens[position][1] == "\n":
+            position += 1
+        if position >= len(tokens):
+            raise ValueError(f"line {line}: list is not closed with ']'")
+        kind, value, at = tokens[position]
+        if kind == "close":
+            return items, position + 1
+        if expect_item:
+            item, position = _conf_parse_value(tokens, position, at)
+            items.append(item)
+            expect_item = False
+        elif kind == "comma":
+            position += 1
+            expect_item = True
+        else:
+            raise ValueError(f"line {at}: expected ',' or ']' in a list, found {value!r}")
+
+
+# ---- statfs(2) ----------------------------------------------------------------------------------
+# os.statvfs has no f_type, and only f_type tells dmemfs apart: call libc's statfs through ctypes,
+# loaded on first use so that a caller that never asks for a magic number never pays for ctypes.
+
+
+@functools.cache
+def _libc_statfs() -> tuple[Any, type[Any]]:
+    import ctypes
+
+    class Statfs(ctypes.Structure):
+        # struct statfs on 64-bit Linux (x86-64 is the only dmemfs architecture): __fsword_t is long.
+        _fields_: ClassVar = [
+            ("f_type", ctypes.c_long),
+            ("f_bsize", ctypes.c_long),
+            ("f_blocks", ctypes.c_ulong),
+            ("f_bfree", ctypes.c_ulong),
+            ("f_bavail", ctypes.c_ulong),
+            ("f_files", ctypes.c_ulong),
+            ("f_ffree", ctypes.c_ulong),
+            ("f_fsid", ctypes.c_int * 2),
+            ("f_namelen", ctypes.c_long),
+            ("f_frsize", ctypes.c_long),
+            ("f_flags", ctypes.c_long),
+            ("f_spare", ctypes.c_long * 4),
+        ]
+
+    function = ctypes.CDLL(None, use_errno=True).statfs
+    function.argtypes = [ctypes.c_char_p, ctypes.POINTER(Statfs)]
+    function.restype = ctypes.c_int
+    return function, Statfs
+
+
+def _statfs(path: Path | str) -> tuple[int, int]:
+    """(f_type, f_bsize) of the filesystem holding ``path``; raises OSError."""
+    import ctypes
+
+    function, struct = _libc_statfs()
+    buffer = struct()
+    if function(os.fsencode(path), ctypes.byref(buffer)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(path))
+    # Magic numbers are 32-bit; mask so one with the top bit set compares equal on any word size.
+    return int(buffer.f_type) & 0xFFFFFFFF, int(buffer.f_bsize)
