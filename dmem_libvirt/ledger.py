@@ -1,0 +1,377 @@
+"""The durable reservation ledger: which domain holds how many bytes of which pool, on which node.
+
+One JSON file under the state directory, versioned and bound to the boot it was written in.  It is
+only ever replaced atomically (temp file, fsync, rename, fsync of the directory), so a process killed
+at any instruction leaves either the old or the new ledger.  Changes happen in ``transaction()``, under
+the host lock; ``read()`` is a lock-free snapshot.  A corrupt file is kept aside, never silently emptied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import log
+from .errors import LedgerError
+from .lock import HostLock
+
+VERSION = 1
+
+STATES = frozenset({"reserved", "pinned"})
+ORIGINS = frozenset({"prepare", "migrate", "restore", "reconnect", "rebuilt"})
+
+_FILE_NAME = "ledger.json"
+_LOCK_NAME = "lock"
+_TEMP_PREFIX = f".{_FILE_NAME}.tmp-"
+_ENVELOPE = ("version", "boot_id", "written", "reservations")
+
+
+class LedgerCorrupt(LedgerError):
+    """The ledger file cannot be trusted: not JSON, ill-typed, or double-books a file."""
+
+
+def _int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LedgerCorrupt(f"field '{name}' must be an integer, got {value!r}")
+    if value < minimum:
+        raise LedgerCorrupt(f"field '{name}' must be at least {minimum}, got {value}")
+    return value
+
+
+def _str(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise LedgerCorrupt(f"field '{name}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LedgerCorrupt(f"field '{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """One guest memory backend file's claim on a host node's pool."""
+
+    domain: str
+    uuid: str
+    node: int
+    bytes: int
+    page_size: int
+    backend: str
+    file: str
+    state: str
+    origin: str
+    created: float
+    path: str | None = None
+    inode: int | None = None
+    pid: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What may be booked only once: the domain's uuid and its backend file."""
+        return (self.uuid, self.file)
+
+    def to_json(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object]) -> Reservation:
+        """Strict inverse of to_json: raises LedgerCorrupt naming the first bad or unknown field."""
+        if not isinstance(d, Mapping):
+            raise LedgerCorrupt(f"a reservation must be an object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LedgerCorrupt(f"unknown field '{unknown[0]}'")
+        optional = {"path", "inode", "pid"}
+        missing = sorted(known - optional - set(d))
+        if missing:
+            raise LedgerCorrupt(f"missing field '{missing[0]}'")
+        state = _str("state", d["state"])
+        if state not in STATES:
+            raise LedgerCorrupt(f"field 'state' must be one of {sorted(STATES)}, got {state!r}")
+        origin = _str("origin", d["origin"])
+        # Re-adopted entries keep their history, e.g. "reconnect+prepare".
+        if not set(origin.split("+")) <= ORIGINS:
+            raise LedgerCorrupt(f"field 'origin' has an unknown origin: {origin!r}")
+        file = _str("file", d["file"])
+        # The file name is joined to the domain's memory directory when pages are given back.
+        if "/" in file or file in (".", ".."):
+            raise LedgerCorrupt(f"field 'file' must be a plain file name, got {file!r}")
+        path = d.get("path")
+        if path is not None and not (isinstance(path, str) and path.startswith("/")):
+            raise LedgerCorrupt(f"field 'path' must be an absolute path or null, got {path!r}")
+        inode = d.get("inode")
+        pid = d.get("pid")
+        return cls(
+            domain=_str("domain", d["domain"]),
+            uuid=_str("uuid", d["uuid"]),
+            node=_int("node", d["node"], 0),
+            bytes=_int("bytes", d["bytes"], 0),
+            page_size=_int("page_size", d["page_size"], 1),
+            backend=_str("backend", d["backend"]),
+            file=file,
+            state=state,
+            origin=origin,
+            created=_number("created", d["created"]),
+            path=path,
+            inode=None if inode is None else _int("inode", inode, 0),
+            pid=None if pid is None else _int("pid", pid, 1),
+        )
+
+
+def _duplicate(entries: Iterable[Reservation]) -> Reservation | None:
+    seen: set[tuple[str, str]] = set()
+    for entry in entries:
+        if entry.key in seen:
+            return entry
+        seen.add(entry.key)
+    return None
+
+
+def _double_booked(entry: Reservation) -> LedgerError:
+    return LedgerError(f"{entry.file} of domain uuid {entry.uuid} is already in the ledger", entry.domain)
+
+
+@dataclass
+class Book:
+    """The reservations inside one transaction; every change sets ``changed``."""
+
+    reservations: list[Reservation] = field(default_factory=list)
+    changed: bool = False
+
+    def for_uuid(self, uuid: str) -> list[Reservation]:
+        return [r for r in self.reservations if r.uuid == uuid]
+
+    def add(self, r: Reservation) -> None:
+        """Record ``r``; a second entry for the same uuid and file raises LedgerError."""
+        if any(r.key == other.key for other in self.reservations):
+            raise _double_booked(r)
+        self.reservations.append(r)
+        self.changed = True
+
+    def remove_entry(self, r: Reservation) -> bool:
+        """Drop the entry booked for r's uuid and file; False if there was none."""
+        kept = [other for other in self.reservations if other.key != r.key]
+        if len(kept) == len(self.reservations):
+            return False
+        self.reservations = kept
+        self.changed = True
+        return True
+
+    def remove_uuid(self, uuid: str) -> list[Reservation]:
+        """Drop every entry of ``uuid`` and return them."""
+        removed = self.for_uuid(uuid)
+        if removed:
+            self.reservations = [r for r in self.reservations if r.uuid != uuid]
+            self.changed = True
+        return removed
+
+    def replace_uuid(self, uuid: str, new: Iterable[Reservation]) -> None:
+        """Make ``new`` the entries of ``uuid``, in the place its first old entry had."""
+        entries = list(new)
+        for entry in entries:
+            if entry.uuid != uuid:
+                raise ValueError(f"replace_uuid({uuid!r}) got an entry of uuid {entry.uuid!r}")
+        duplicate = _duplicate(entries)
+        if duplicate is not None:
+            raise _double_booked(duplicate)
+        positions = [i for i, r in enumerate(self.reservations) if r.uuid == uuid]
+        at = positions[0] if positions else len(self.reservations)
+        others = [r for r in self.reservations if r.uuid != uuid]
+        at -= sum(1 for i in positions if i < at)
+        result = others[:at] + entries + others[at:]
+        if result != self.reservations:
+            self.reservations = result
+            self.changed = True
+
+    def held_on(self, node: int, *, except_uuid: str | None = None) -> list[tuple[str, int]]:
+        """(domain, bytes) summed per domain for every entry on ``node``, in ledger order."""
+        held: dict[str, int] = {}
+        for r in self.reservations:
+            if r.node == node and r.uuid != except_uuid:
+                held[r.domain] = held.get(r.domain, 0) + r.bytes
+        return list(held.items())
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    boot_id: str
+    reservations: list[Reservation]
+
+
+class Ledger:
+    """The ledger file ``<state_dir>/ledger.json`` and its lock ``<state_dir>/lock``."""
+
+    def __init__(self, state_dir: Path, boot_id: str, *, lock_timeout: float) -> None:
+        self.state_dir = Path(state_dir)
+        self.boot_id = boot_id
+        self.lock_timeout = lock_timeout
+        self.path = self.state_dir / _FILE_NAME
+        self.lock_path = self.state_dir / _LOCK_NAME
+
+    # ---- reading -----------------------------------------------------------------------------------
+
+    def _load(self) -> _Loaded | None:
+        """The file's contents, None if there is no file; LedgerCorrupt or LedgerError otherwise."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise LedgerError(f"cannot read ledger {self.path}: {err.strerror}") from None
+        try:
+            return self._parse(data)
+        except LedgerCorrupt as err:
+            raise LedgerCorrupt(f"ledger {self.path} is corrupt: {err.message}") from None
+
+    def _parse(self, data: bytes) -> _Loaded:
+        try:
+            raw: Any = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise LedgerCorrupt("not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise LedgerCorrupt(f"not valid JSON ({err.msg} at byte {err.pos} of {len(data)})") from None
+        if not isinstance(raw, dict):
+            raise LedgerCorrupt(f"top level must be an object, got {type(raw).__name__}")
+        version = raw.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+            # An upgrade/downgrade mix-up, not damage: leave the file for the newer program.
+            raise LedgerError(f"ledger {self.path} has format version {version}; "
+                              f"this dmem-libvirt reads version {VERSION} only")
+        if version != VERSION or isinstance(version, bool):
+            raise LedgerCorrupt(f"field 'version' must be {VERSION}, got {version!r}")
+        unknown = sorted(set(raw) - set(_ENVELOPE))
+        if unknown:
+            raise LedgerCorrupt(f"unknown field '{unknown[0]}'")
+        boot_id = _str("boot_id", raw.get("boot_id"))
+        _number("written", raw.get("written"))
+        entries = raw.get("reservations")
+        if not isinstance(entries, list):
+            raise LedgerCorrupt(f"field 'reservations' must be a list, got {entries!r}")
+        reservations: list[Reservation] = []
+        for index, entry in enumerate(entries):
+            try:
+                reservations.append(Reservation.from_json(entry))
+            except LedgerCorrupt as err:
+                raise LedgerCorrupt(f"reservation {index}: {err.message}") from None
+        duplicate = _duplicate(reservations)
+        if duplicate is not None:
+            raise LedgerCorrupt(f"{duplicate.file} of domain {duplicate.domain} "
+                                f"(uuid {duplicate.uuid}) is booked twice")
+        return _Loaded(boot_id, reservations)
+
+    def read(self) -> list[Reservation]:
+        """A snapshot without the lock: [] if absent or from another boot; LedgerCorrupt if corrupt."""
+        loaded = self._load()
+        if loaded is None or loaded.boot_id != self.boot_id:
+            return []
+        return loaded.reservations
+
+    # ---- changing ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, *, rebuild: Callable[[], Iterable[Reservation]] | None = None,
+                    timeout: float | None = None) -> Iterator[Book]:
+        """Yield the Book under the host lock; write it back atomically if the block ends normally."""
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise LedgerError(f"cannot create state directory {self.state_dir}: {err.strerror}") from None
+        with HostLock(self.lock_path, self.lock_timeout if timeout is None else timeout):
+            self._remove_stale_temps()
+            corrupt: LedgerCorrupt | None = None
+            reset = False
+            try:
+                loaded = self._load()
+            except LedgerCorrupt as err:
+                if rebuild is None:
+                    # Moving it aside now would leave an empty ledger for the next caller.
+                    raise
+                corrupt, loaded = err, None
+            if corrupt is not None and rebuild is not None:
+                book = Book(list(rebuild()))
+                duplicate = _duplicate(book.reservations)
+                if duplicate is not None:
+                    raise _double_booked(duplicate)
+            elif loaded is None:
+                book = Book()
+            elif loaded.boot_id != self.boot_id:
+                log.event("boot-changed", dropped=len(loaded.reservations))
+                book, reset = Book(), True
+            else:
+                book = Book(loaded.reservations)
+            yield book
+            if corrupt is not None:
+                aside = self._keep_aside()
+                self._write(book.reservations)
+                log.warning(f"{corrupt.message}; kept as {aside}, "
+                            f"rebuilt {len(book.reservations)} reservations from running guests")
+            elif book.changed or reset:
+                self._write(book.reservations)
+
+    def _keep_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for attempt in range(100):
+            aside = self.path.with_name(f"{_FILE_NAME}.corrupt-{stamp}" + (f"-{attempt}" if attempt else ""))
+            try:
+                # A hard link, not a rename: until the rebuilt ledger replaces the corrupt one, a crash
+                # must not leave the ledger absent (absent reads as empty).
+                os.link(self.path, aside)
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise LedgerError(f"cannot keep corrupt ledger {self.path} as {aside}: "
+                                  f"{err.strerror}") from None
+            return aside
+        raise LedgerError(f"cannot keep corrupt ledger {self.path}: too many copies from {stamp}")
+
+    def _remove_stale_temps(self) -> None:
+        # Only a writer holding the lock creates temp files, and we hold it: any left were
+        # abandoned by a killed process.
+        for stale in self.state_dir.glob(_TEMP_PREFIX + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+    def _write(self, reservations: list[Reservation]) -> None:
+        duplicate = _duplicate(reservations)
+        if duplicate is not None:
+            raise _double_booked(duplicate)
+        document = {
+            "version": VERSION,
+            "boot_id": self.boot_id,
+            "written": time.time(),
+            "reservations": [r.to_json() for r in reservations],
+        }
+        data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
+        temp = self.state_dir / f"{_TEMP_PREFIX}{os.getpid()}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                # The data must be on disk before the rename makes it the ledger, or a power cut
+                # could leave a renamed but empty file.
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                # The rename itself is durable only once the directory is.
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
