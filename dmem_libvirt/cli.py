@@ -1,0 +1,289 @@
+"""The ``dmem-libvirt`` command: define-time rewrite, hook installation and operations.
+
+Exit codes: 0 ok, 1 refused or failed (one line on stderr, ``dmem-libvirt: <domain>: ...``), 2 usage.
+``main(argv, conn=...)`` takes an injected libvirt connection, so tests drive every command in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from . import config as config_mod
+from .errors import DmemError, HostError
+from .units import format_page_size, format_size, parse_size
+
+if TYPE_CHECKING:
+    from .define import Plan
+    from .lifecycle import HookContext
+    from .placement import NodeRoom
+    from .virt import Connection
+
+
+class Streams:
+    def __init__(self, stdin: IO[bytes], stdout: IO[str], stderr: IO[str]) -> None:
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    def out(self, text: str = "") -> None:
+        self.stdout.write(text + "\n")
+
+    def err(self, text: str) -> None:
+        self.stderr.write(text + "\n")
+
+
+def _node_list(text: str) -> list[int]:
+    try:
+        nodes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of host nodes: {text!r} (e.g. 0 or 0,1)") from None
+    if any(node < 0 for node in nodes):
+        raise argparse.ArgumentTypeError(f"host nodes are not negative: {text!r}")
+    return nodes
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmem-libvirt",
+                                     description="Run libvirt guests on reserved host memory (dmemfs).")
+    parser.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: libvirt's)")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"config file (default: ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def placement_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nodes", type=_node_list, metavar="LIST",
+                       help="host node for all cells (N) or one per guest cell (N,M,...)")
+        p.add_argument("--round", action="store_true", dest="round_up",
+                       help="round cell sizes up to whole pages instead of refusing")
+
+    p = sub.add_parser("rewrite", help="offline: domain XML on stdin -> rewritten XML on stdout")
+    placement_options(p)
+    p.add_argument("--page-size", type=_size, metavar="SIZE", help="page size (default: the host's)")
+    for name, text in (("plan", "dry run: placement table and diff"), ("enable", "rewrite and define"),
+                       ("disable", "restore the original definition")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("domain")
+        if name != "disable":
+            placement_options(p)
+    p = sub.add_parser("status", help="pools per host node, reservations, domains")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (("install-hook", "install the libvirt hook and reload the daemon"),
+                       ("uninstall-hook", "remove the libvirt hook and reload the daemon")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--hooks-dir", type=Path, metavar="DIR",
+                       help="libvirt's hooks directory (default: [libvirt] hooks_dir, /etc/libvirt/hooks)")
+    sub.add_parser("reconcile", help="adopt running guests, free what no live guest owns")
+    sub.add_parser("check", help="verify the installation; print each finding with its fix")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, conn: Connection | None = None, *,
+         stdin: IO[bytes] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
+    io = Streams(stdin or sys.stdin.buffer, stdout or sys.stdout, stderr or sys.stderr)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        config = config_mod.load(config_mod.resolve_path(args.config))
+        return COMMANDS[args.command](args, config, conn, io)
+    except DmemError as err:
+        io.err(err.line())
+        return 1
+
+
+def _context(config: config_mod.Config) -> HookContext:
+    from .lifecycle import HookContext
+
+    return HookContext.create(config)
+
+
+def _rooms(ctx: HookContext, uuid: str | None) -> list[NodeRoom]:
+    from .admission import node_rooms
+
+    pools = ctx.backend.pools()
+    return node_rooms(pools, ctx.ledger.read(), ctx.node_cpus(pools), except_uuid=uuid)
+
+
+def _uuid_of(xml: bytes) -> str | None:
+    from . import domxml
+    from .domain import read_domain
+
+    return read_domain(domxml.parse(xml).getroot()).uuid
+
+
+def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
+          page_size: int | None = None) -> Plan:
+    from . import define
+
+    ctx = _context(config)
+    page = page_size or ctx.backend.page_size()
+    rooms: list[NodeRoom] | None
+    try:
+        rooms = _rooms(ctx, _uuid_of(xml))
+    except HostError:
+        if not args.nodes:
+            raise
+        rooms = None
+    return define.plan(xml, page_size=page, rooms=rooms, backend=ctx.backend.name,
+                       nodes=args.nodes, round_up=args.round_up)
+
+
+def cmd_rewrite(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    xml = io.stdin.read()
+    plan = _plan(args, config, xml, args.page_size)
+    for warning in plan.warnings:
+        io.err(f"dmem-libvirt: {plan.name}: warning: {warning}")
+    io.stdout.write(plan.rewritten.decode())
+    return 0
+
+
+def _connection(args: argparse.Namespace, conn: Connection | None) -> Connection:
+    from .virt import connect
+
+    return conn if conn is not None else connect(args.connect)
+
+
+def _domain_xml(args: argparse.Namespace, conn: Connection | None) -> tuple[Connection, bytes, bool]:
+    from . import virt
+
+    connection = _connection(args, conn)
+    handle = virt.lookup(connection, args.domain)
+    return connection, virt.inactive_xml(handle).encode(), bool(handle.isActive())
+
+
+def placement_table(plan: Plan) -> list[str]:
+    rooms = {room.node: room for room in plan.rooms}
+    lines = [f"{plan.name}: {format_page_size(plan.page_size)} dmem pages",
+             f"{'CELL':>4}  {'SIZE':>11}  {'NODE':>4}  {'NODE FREE':>11}  RESERVED BY OTHERS"]
+    for need in plan.needs:
+        node = plan.placement[need.cell]
+        room = rooms.get(node)
+        free = format_size(room.free) if room else "-"
+        held = ", ".join(f"{format_size(size)} by {dom}" for dom, size in room.reserved) if room else ""
+        lines.append(f"{need.cell:>4}  {format_size(need.size):>11}  {node:>4}  {free:>11}  {held or '-'}")
+    return lines
+
+
+def cmd_plan(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    _, xml, _ = _domain_xml(args, conn)
+    plan = _plan(args, config, xml)
+    for line in placement_table(plan):
+        io.out(line)
+    for warning in plan.warnings:
+        io.out(f"warning: {warning}")
+    diff = difflib.unified_diff(plan.original.decode().splitlines(keepends=True),
+                                plan.rewritten.decode().splitlines(keepends=True),
+                                f"{plan.name} (defined)", f"{plan.name} (enabled)")
+    text = "".join(diff)
+    io.out()
+    io.stdout.write(text if text else "no change\n")
+    return 0
+
+
+def cmd_enable(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import virt
+
+    connection, xml, active = _domain_xml(args, conn)
+    plan = _plan(args, config, xml)
+    for warning in plan.warnings:
+        io.err(f"dmem-libvirt: {plan.name}: warning: {warning}")
+    cells = ", ".join(f"cell {need.cell} {format_size(need.size)} -> node {plan.placement[need.cell]}"
+                      for need in plan.needs)
+    if not plan.changed:
+        io.out(f"{plan.name}: already enabled ({cells})")
+        return 0
+    virt.define(connection, plan.name, plan.rewritten.decode())
+    later = "; takes effect at the next start" if active else ""
+    io.out(f"{plan.name}: enabled on {format_page_size(plan.page_size)} dmem pages ({cells}){later}")
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import define, virt
+
+    connection, xml, active = _domain_xml(args, conn)
+    name, restored = define.undo(xml)
+    if restored is None:
+        io.out(f"{name}: not enabled, nothing to do")
+        return 0
+    virt.define(connection, name, restored.decode())
+    later = "; takes effect at the next start" if active else ""
+    io.out(f"{name}: disabled, original memory definition restored{later}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import status
+
+    data = status.collect(_context(config))
+    if args.json:
+        io.out(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        io.out(status.render(data))
+    return 0
+
+
+def cmd_install_hook(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
+                     io: Streams) -> int:
+    from . import install
+
+    hooks_dir = args.hooks_dir or config.libvirt.hooks_dir
+    if args.command == "install-hook":
+        path = install.install_hook(hooks_dir)
+        io.out(f"installed {path}")
+    else:
+        removed = install.uninstall_hook(hooks_dir)
+        io.out(f"removed {removed}" if removed else f"no hook at {install.hook_path(hooks_dir)}")
+        if removed is None:
+            return 0
+    io.out(install.reload_daemon(config.libvirt.run_dir, config.host.proc, config.state.dir))
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
+                  io: Streams) -> int:
+    from . import status
+
+    done = status.reconcile(_context(config))
+    for line in done:
+        io.out(line)
+    if not done:
+        io.out("nothing to do: every reservation belongs to a live guest or is within the grace period")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import status
+
+    findings = status.check(_context(config))
+    for finding in findings:
+        io.out(f"{'ok  ' if finding.ok else 'FAIL'}  {finding.what}")
+        if not finding.ok and finding.fix:
+            io.out(f"      fix: {finding.fix}")
+    return 0 if all(finding.ok for finding in findings) else 1
+
+
+COMMANDS = {
+    "rewrite": cmd_rewrite,
+    "plan": cmd_plan,
+    "enable": cmd_enable,
+    "disable": cmd_disable,
+    "status": cmd_status,
+    "install-hook": cmd_install_hook,
+    "uninstall-hook": cmd_install_hook,
+    "reconcile": cmd_reconcile,
+    "check": cmd_check,
+}

@@ -1,0 +1,109 @@
+"""The libvirt QEMU hook: ``NAME OPERATION SUBOP EXTRA`` in argv, the domain XML on stdin.
+
+libvirt runs it for every guest operation and waits for it, so a guest that is not ours costs one
+read of stdin and a byte search: nothing else is imported on that path.  A failing ``prepare``,
+``start``, ``started``, ``migrate`` or ``restore`` prints one line on stderr (libvirt shows it to the
+user) and exits 1; ``stopped``, ``release`` and ``reconnect`` always exit 0 (libvirt ignores the former
+and kills the guest on the latter), logging what they could not do.  Only ``migrate``/``restore`` write
+to stdout: the XML with this host's placement, or nothing when it does not change.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lifecycle import HookContext
+
+# (operation, sub-operation) -> handler name in lifecycle; anything else exits 0 at once.
+OPERATIONS = {
+    ("prepare", "begin"): "prepare",
+    ("start", "begin"): "start",
+    ("started", "begin"): "started",
+    ("stopped", "end"): "release",
+    ("release", "end"): "release",
+    ("reconnect", "begin"): "reconnect",
+    ("migrate", "begin"): "migrate",
+    ("restore", "begin"): "restore",
+}
+NEVER_FAIL = frozenset({"release", "reconnect"})
+
+
+def main(argv: list[str], stdin: IO[bytes], stdout: IO[str], stderr: IO[str], *,
+         context: HookContext | None = None) -> int:
+    """Run one hook call; returns the exit status libvirt will see."""
+    if len(argv) < 3:
+        stderr.write("usage: dmem-libvirt-hook NAME OPERATION SUBOP [EXTRA] < domain.xml\n")
+        return 2
+    name, operation, subop = argv[1], argv[2], argv[3] if len(argv) > 3 else "-"
+    handler = OPERATIONS.get((operation, subop))
+    xml = stdin.read()
+    if handler is None:
+        return 0
+    from .domain import may_concern_us
+
+    if not may_concern_us(xml):
+        return 0
+    return _dispatch(handler, name, xml, stdout, stderr, context)
+
+
+def _dispatch(handler: str, name: str, xml: bytes, stdout: IO[str], stderr: IO[str],
+              context: HookContext | None) -> int:
+    from . import log
+    from .errors import DmemError
+
+    try:
+        return _run(handler, name, xml, stdout, context)
+    except DmemError as err:
+        err.for_domain(name)
+        if handler in NEVER_FAIL:
+            log.warning(f"{handler} could not complete: {err.message}", name)
+            return 0
+        log.event("refuse", name, operation=handler, reason=err.message)
+        stderr.write(err.line() + "\n")
+        return 1
+    except Exception as err:
+        if handler in NEVER_FAIL:
+            log.warning(f"{handler} failed: {type(err).__name__}: {err}", name)
+            return 0
+        log.warning(f"{handler} failed: {type(err).__name__}: {err}", name)
+        stderr.write(f"dmem-libvirt: {name}: internal error in {handler}: {type(err).__name__}: {err}\n")
+        return 1
+
+
+def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookContext | None) -> int:
+    import xml.etree.ElementTree as ET
+
+    from . import lifecycle
+    from .config import load
+    from .domain import read_domain
+    from .errors import DomainXMLError
+
+    ctx = context or lifecycle.HookContext.create(load())
+    if handler in ("migrate", "restore"):
+        changed = lifecycle.incoming(ctx, name, xml, handler)
+        if changed is not None:
+            stdout.write(changed.decode())
+        return 0
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
+    dom = read_domain(root)
+    if handler == "prepare":
+        lifecycle.prepare(ctx, name, dom)
+    elif handler == "start":
+        lifecycle.start(ctx, name, dom, root.get("id"))
+    elif handler == "started":
+        lifecycle.started(ctx, name, dom)
+    elif handler == "release":
+        lifecycle.release(ctx, name, dom)
+    elif handler == "reconnect":
+        lifecycle.reconnect(ctx, name, dom, root.get("id"))
+    return 0
+
+
+def entry() -> int:
+    """Console-script entry point."""
+    return main(sys.argv, sys.stdin.buffer, sys.stdout, sys.stderr)

@@ -1,0 +1,455 @@
+"""The guest lifecycle as the libvirt hook drives it: admit, pin, verify, unpin, re-adopt, receive.
+
+Each function takes the hook's context, the domain name and its parsed XML, and either returns or
+raises a DmemError whose line the hook prints.  Ledger changes happen under the host lock, held only
+for decisions; pinning (zeroing gigabytes) happens outside it.  Nothing here talks to libvirt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import log, procmaps, runtime
+from .admission import cell_needs, node_rooms
+from .backends import Backend, open_backend
+from .backends.dmemfs import DMEMFS_MAGIC
+from .config import Config
+from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
+from .errors import DmemError, PinError, PlacementError
+from .host import Host, fs_magic
+from .ledger import Book, Ledger, Reservation
+from .pin import pin_file, remove_file
+from .placement import place
+from .units import format_page_size, format_size
+
+
+@dataclass
+class HookContext:
+    """Everything an operation reads or changes on the host."""
+
+    config: Config
+    host: Host
+    backend: Backend
+    ledger: Ledger
+    clock: Callable[[], float] = field(default=time.time)
+
+    @classmethod
+    def create(cls, config: Config) -> HookContext:
+        host = Host(config)
+        ledger = Ledger(config.state.dir, host.boot_id(), lock_timeout=config.state.lock_timeout)
+        return cls(config, host, open_backend(config, host), ledger)
+
+    @property
+    def proc(self) -> Path:
+        return self.config.host.proc
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.libvirt.run_dir
+
+    def node_cpus(self, nodes: Iterable[int]) -> dict[int, frozenset[int]]:
+        return {node: self.host.node(node).cpus for node in nodes}
+
+    def rebuild(self) -> list[Reservation]:
+        return rebuild_from_running(self)
+
+
+# ---- checks shared by several operations -------------------------------------------------------
+
+
+def backing_dir_on_backend(ctx: HookContext) -> bool:
+    """True when libvirt's host-wide memory_backing_dir puts file-backed RAM on our filesystem."""
+    backing = ctx.host.memory_backing_dir()
+    try:
+        real_backing, real_mount = backing.resolve(), ctx.backend.mount.resolve()
+    except OSError:
+        return False
+    if real_backing == real_mount or real_mount in real_backing.parents:
+        return True
+    try:
+        return fs_magic(real_backing) == DMEMFS_MAGIC
+    except OSError:
+        return False
+
+
+def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata) -> int:
+    """The host's page size, after checking that the domain was defined for this backend and size."""
+    if meta.backend != ctx.backend.name:
+        raise DmemError(
+            f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
+            f"run 'dmem-libvirt enable {name}' again", name)
+    page_size = ctx.backend.page_size()
+    if meta.page_size != page_size:
+        raise DmemError(
+            f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
+            f"{format_page_size(page_size)} pages; run 'dmem-libvirt enable {name}' again", name)
+    return page_size
+
+
+def _uuid(dom: DomainMemory, name: str) -> str:
+    if not dom.uuid:
+        raise DmemError("domain XML has no <uuid>", name)
+    return dom.uuid
+
+
+def _new_reservations(ctx: HookContext, name: str, uuid: str, dom: DomainMemory,
+                      placement: dict[int, int], origin: str) -> list[Reservation]:
+    assert dom.metadata is not None
+    now = ctx.clock()
+    return [
+        Reservation(domain=name, uuid=uuid, node=placement[placed.cell], bytes=placed.size,
+                    page_size=dom.metadata.page_size, backend=dom.metadata.backend, file=placed.file,
+                    state="reserved", origin=origin, created=now)
+        for placed in backing_files(dom)
+    ]
+
+
+def _admit(ctx: HookContext, book: Book, name: str, uuid: str, dom: DomainMemory, page_size: int,
+           *, fixed: dict[int, int] | None) -> dict[int, int]:
+    assert dom.metadata is not None
+    pools = ctx.backend.pools()
+    rooms = node_rooms(pools, book.reservations, ctx.node_cpus(pools), except_uuid=uuid)
+    return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless)
+
+
+def _log_reservations(action: str, entries: Iterable[Reservation], **extra: object) -> None:
+    for entry in entries:
+        log.event(action, entry.domain, uuid=entry.uuid, node=entry.node, bytes=entry.bytes,
+                  file=entry.file, state=entry.state, **extra)
+
+
+# ---- giving memory back --------------------------------------------------------------------------
+
+
+def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str) -> None:
+    """Remove entries from the book, delete their files when nobody maps them, return pinned pages."""
+    for entry in entries:
+        book.remove_entry(entry)
+        if entry.path:
+            path = Path(entry.path)
+            try:
+                info = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                info = None
+            if info is not None and info.st_ino == entry.inode:
+                if procmaps.mappers(ctx.proc, info.st_dev, info.st_ino):
+                    log.warning(f"{path} is still mapped; left in place", entry.domain)
+                    continue
+                remove_file(path.parent, path.name)
+        if entry.state == "pinned":
+            ctx.backend.released(entry.node, entry.bytes)
+    _log_reservations(action, entries)
+
+
+def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
+    for entry in group:
+        if entry.pid and procmaps.alive(ctx.proc, entry.pid):
+            return True
+    name = group[0].domain
+    if (ctx.run_dir / f"{name}.xml").exists():
+        pid = runtime.read_pid(ctx.run_dir, name)
+        if pid and procmaps.alive(ctx.proc, pid):
+            return True
+    for entry in group:
+        if entry.path:
+            try:
+                info = os.stat(entry.path, follow_symlinks=False)
+            except OSError:
+                continue
+            if procmaps.mappers(ctx.proc, info.st_dev, info.st_ino):
+                return True
+    return False
+
+
+def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = None) -> list[str]:
+    """Free reservations and per-domain directories no live guest owns and older than the grace period."""
+    now = ctx.clock()
+    grace = ctx.config.state.orphan_grace
+    freed: list[str] = []
+    groups: dict[str, list[Reservation]] = defaultdict(list)
+    for entry in book.reservations:
+        groups[entry.uuid].append(entry)
+    for uuid, group in sorted(groups.items()):
+        if uuid == keep_uuid or any(now - entry.created < grace for entry in group):
+            continue
+        if _group_alive(ctx, group):
+            continue
+        _drop(ctx, book, group, "orphan-freed")
+        freed.append(f"{group[0].domain} ({format_size(sum(e.bytes for e in group))} on "
+                     f"node {', '.join(str(n) for n in sorted({e.node for e in group}))})")
+    if backing_dir_on_backend(ctx):
+        freed.extend(_collect_orphan_dirs(ctx, now, grace))
+    return freed
+
+
+def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str]:
+    running = {rd.name[: runtime.SHORT_NAME_MAX] for rd in runtime.running_domains(ctx.run_dir)}
+    freed = []
+    for directory in runtime.all_domain_dirs(ctx.host.memory_backing_dir()):
+        if directory.name.partition("-")[2] in running:
+            continue
+        try:
+            if now - directory.stat().st_mtime < grace:
+                continue
+            files = [f for f in os.scandir(directory) if f.is_file(follow_symlinks=False)]
+            if any(procmaps.mappers(ctx.proc, f.stat().st_dev, f.stat().st_ino) for f in files):
+                continue
+            size = sum(f.stat().st_blocks * 512 for f in files)
+            for f in files:
+                remove_file(directory, f.name)
+            directory.rmdir()
+        except OSError as err:
+            log.warning(f"cannot collect orphan directory {directory}: {err}")
+            continue
+        log.event("orphan-dir-freed", None, path=directory, bytes=size)
+        freed.append(f"{directory} ({format_size(size)})")
+    return freed
+
+
+def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
+    """Reservations of every running guest with our metadata, from libvirt's status files and /proc."""
+    rebuilt: list[Reservation] = []
+    for running in runtime.running_domains(ctx.run_dir):
+        try:
+            dom = read_domain(running.domain)
+        except DmemError:
+            continue
+        if dom.metadata is None or not dom.uuid:
+            continue
+        if not (running.pid and procmaps.alive(ctx.proc, running.pid)):
+            continue
+        rebuilt.extend(_found_on_mount(ctx, running.name, dom, running.pid, "rebuilt",
+                                       running.domain.get("id")))
+    _log_reservations("rebuilt", rebuilt)
+    return rebuilt
+
+
+def _found_on_mount(ctx: HookContext, name: str, dom: DomainMemory, pid: int | None, origin: str,
+                    dom_id: str | None) -> list[Reservation]:
+    assert dom.metadata is not None and dom.uuid
+    directories = runtime.domain_dir_candidates(
+        ctx.host.memory_backing_dir(), name, int(dom_id) if dom_id and dom_id.isdigit() else None)
+    entries = []
+    for placed in backing_files(dom):
+        entry = Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
+                            page_size=dom.metadata.page_size, backend=dom.metadata.backend,
+                            file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid)
+        for directory in directories:
+            try:
+                info = os.stat(directory / placed.file, follow_symlinks=False)
+            except OSError:
+                continue
+            entry = replace(entry, state="pinned", path=str(directory / placed.file), inode=info.st_ino)
+            break
+        entries.append(entry)
+    return entries
+
+
+# ---- the operations -------------------------------------------------------------------------------
+
+
+def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
+    """``prepare begin``: admit or refuse, and record a reservation per backing file."""
+    if dom.metadata is None:
+        if dom.file_backed and backing_dir_on_backend(ctx):
+            raise DmemError(f"memory_backing_dir is on {ctx.backend.name}; "
+                            f"run 'dmem-libvirt enable {name}' or use memfd", name)
+        return
+    uuid = _uuid(dom, name)
+    page_size = check_metadata(ctx, name, dom.metadata)
+    wanted = {placed.cell: placed.node for placed in backing_files(dom)}
+    with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+        collect_orphans(ctx, book, keep_uuid=uuid)
+        mine = book.for_uuid(uuid)
+        if mine and _adoptable(mine, dom, wanted):
+            book.replace_uuid(uuid, [replace(e, origin=f"{e.origin}+prepare") for e in mine])
+            _log_reservations("adopt", mine)
+            return
+        if mine:
+            _drop(ctx, book, mine, "stale-dropped")
+        placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
+        entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
+        for entry in entries:
+            book.add(entry)
+    _log_reservations("admit", entries)
+
+
+def _adoptable(mine: list[Reservation], dom: DomainMemory, wanted: dict[int, int]) -> bool:
+    """A reservation that migrate/restore made for this very layout is taken over, not doubled."""
+    expected = {(placed.file, wanted[placed.cell], placed.size) for placed in backing_files(dom)}
+    return (all(e.state == "reserved" and e.origin in ("migrate", "restore") for e in mine)
+            and {(e.file, e.node, e.bytes) for e in mine} == expected)
+
+
+def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) -> None:
+    """``start begin``: create, size, bind, zero and hand over every backing file (pin)."""
+    if dom.metadata is None:
+        return
+    uuid = _uuid(dom, name)
+    page_size = check_metadata(ctx, name, dom.metadata)
+    directory = _domain_dir(ctx, name, dom_id)
+    with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+        mine = book.for_uuid(uuid)
+        if not mine:
+            # prepare did not run for this start (e.g. the hook was installed in between): admit now.
+            wanted = {placed.cell: placed.node for placed in backing_files(dom)}
+            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
+            mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
+            for entry in mine:
+                book.add(entry)
+    owner = directory.stat()
+    threads = ctx.config.pin.threads
+    pinned: list[Reservation] = []
+    try:
+        for entry in mine:
+            pinned.append(_pin_one(ctx, name, directory, entry, page_size, owner.st_uid, owner.st_gid, threads))
+        with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+            book.replace_uuid(uuid, pinned)
+    except BaseException:
+        for entry in pinned:
+            remove_file(directory, entry.file)
+            ctx.backend.released(entry.node, entry.bytes)
+        _release_quietly(ctx, name, uuid)
+        raise
+    _log_reservations("pin", pinned, dir=directory)
+
+
+def _domain_dir(ctx: HookContext, name: str, dom_id: str | None) -> Path:
+    backing = ctx.host.memory_backing_dir()
+    found = runtime.domain_dir_candidates(backing, name, int(dom_id) if dom_id and dom_id.isdigit() else None)
+    if not found:
+        raise PinError(f"libvirt's memory directory for this guest is missing under {backing} "
+                       f"(looked for {runtime.short_name(dom_id or '<id>', name)} in both layouts)", name)
+    directory = found[0]
+    magic = fs_magic(directory)
+    mount = ctx.backend.mount.resolve()
+    real = directory.resolve()
+    if magic != ctx.backend.fs_magic or mount not in real.parents:
+        raise PinError(f"memory directory {directory} is not on the {ctx.backend.fs_name} mount {mount} "
+                       f"(filesystem magic {magic:#x}); set memory_backing_dir = \"{mount}\" in qemu.conf", name)
+    return directory
+
+
+def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, page_size: int,
+             uid: int, gid: int, threads: int) -> Reservation:
+    stale = directory / entry.file
+    try:
+        info = os.stat(stale, follow_symlinks=False)
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        users = procmaps.mappers(ctx.proc, info.st_dev, info.st_ino)
+        if users:
+            raise PinError(f"{stale} already exists and is mapped by pid {users[0]}", name)
+        remove_file(directory, entry.file)
+        log.event("stale-file-removed", name, path=stale)
+    cpus = ctx.host.node(entry.node).cpus
+    if threads <= 0:
+        threads = max(1, min(len(cpus) or 1, 8))
+    ctx.backend.allocated(name, entry.node, entry.bytes)
+    try:
+        result = pin_file(directory, entry.file, entry.bytes, entry.node, page_size=page_size, uid=uid,
+                          gid=gid, threads=threads, cpus=cpus, fill=ctx.backend.fill())
+    except BaseException:
+        ctx.backend.released(entry.node, entry.bytes)
+        raise
+    log.event("pinned", name, node=entry.node, bytes=entry.bytes, seconds=f"{result.seconds:.3f}",
+              gib_per_s=f"{entry.bytes / (1 << 30) / max(result.seconds, 1e-9):.2f}")
+    return replace(entry, state="pinned", path=str(result.path), inode=result.inode)
+
+
+def _release_quietly(ctx: HookContext, name: str, uuid: str) -> None:
+    try:
+        with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+            for entry in book.for_uuid(uuid):
+                book.remove_entry(entry)
+    except DmemError as err:
+        log.warning(f"could not drop the reservation after a failed pin: {err.message}", name)
+
+
+def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
+    """``started begin``: QEMU must map the very files we pinned; remember its pid."""
+    if dom.metadata is None:
+        return
+    uuid = _uuid(dom, name)
+    pid = runtime.read_pid(ctx.run_dir, name)
+    if pid is None:
+        raise DmemError(f"no QEMU pid file {ctx.run_dir / (name + '.pid')}", name)
+    mine = [e for e in ctx.ledger.read() if e.uuid == uuid]
+    for entry in mine:
+        if entry.state != "pinned" or not entry.path:
+            raise DmemError(f"{entry.file} on host node {entry.node} was never pinned", name)
+        try:
+            info = os.stat(entry.path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise DmemError(f"pinned file {entry.path} has disappeared", name) from None
+        if info.st_ino != entry.inode or info.st_size != entry.bytes:
+            raise DmemError(
+                f"{entry.path} is not the file that was pinned (inode {info.st_ino}, "
+                f"{format_size(info.st_size)}; pinned inode {entry.inode}, {format_size(entry.bytes)})", name)
+        mapped = procmaps.maps_inode(ctx.proc, pid, info.st_dev, info.st_ino)
+        if mapped < entry.bytes:
+            raise DmemError(f"QEMU (pid {pid}) maps {format_size(mapped)} of {entry.path}, "
+                            f"expected {format_size(entry.bytes)}", name)
+    with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+        book.replace_uuid(uuid, [replace(e, pid=pid) for e in book.for_uuid(uuid)])
+    log.event("verified", name, pid=pid, files=len(mine))
+
+
+def release(ctx: HookContext, name: str, dom: DomainMemory) -> None:
+    """``stopped end`` / ``release end``: unpin; idempotent, bounded by the lock timeout."""
+    if not dom.uuid:
+        return
+    with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+        mine = book.for_uuid(dom.uuid)
+        if mine:
+            _drop(ctx, book, mine, "unpin")
+
+
+def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) -> None:
+    """``reconnect begin``: re-adopt a running guest's reservations, rebuilding them if lost."""
+    if dom.metadata is None or not dom.uuid:
+        return
+    pid = runtime.read_pid(ctx.run_dir, name)
+    with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+        mine = book.for_uuid(dom.uuid)
+        if mine:
+            book.replace_uuid(dom.uuid, [replace(e, pid=pid or e.pid) for e in mine])
+            log.event("readopt", name, pid=pid, files=len(mine))
+        else:
+            found = _found_on_mount(ctx, name, dom, pid, "reconnect", dom_id)
+            for entry in found:
+                book.add(entry)
+            _log_reservations("adopt", found, pid=pid)
+        collect_orphans(ctx, book, keep_uuid=dom.uuid)
+
+
+def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | None:
+    """``migrate begin`` / ``restore begin``: place on this host, reserve, return changed XML or None."""
+    from .domxml import parse, retarget, serialize
+
+    tree = parse(xml)
+    dom = read_domain(tree.getroot())
+    if dom.metadata is None:
+        return None
+    uuid = _uuid(dom, name)
+    page_size = check_metadata(ctx, name, dom.metadata)
+    current = {placed.cell: placed.node for placed in backing_files(dom)}
+    with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
+        collect_orphans(ctx, book, keep_uuid=uuid)
+        mine = book.for_uuid(uuid)
+        if mine:
+            _drop(ctx, book, mine, "stale-dropped")
+        try:
+            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
+        except PlacementError:
+            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
+        for entry in _new_reservations(ctx, name, uuid, dom, placement, origin):
+            book.add(entry)
+    log.event(origin, name, placement=placement)
+    return serialize(tree) if retarget(tree, placement) else None

@@ -1,0 +1,101 @@
+"""libvirt's run-time files, read without talking to libvirt (the hook must never call back into it).
+
+- per-domain memory directory: ``<memory_backing_dir>/libvirt/qemu/<id>-<name[:20]>`` (libvirt 9.0) or
+  ``<memory_backing_dir>/<id>-<name[:20]>`` (newer upstream); both layouts are tried;
+- status files ``<run_dir>/<name>.xml`` (``<domstatus pid=...><domain>...``) and pid files ``<name>.pid``.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HostError
+
+SHORT_NAME_MAX = 20  # libvirt's VIR_DOMAIN_SHORT_NAME_MAX
+
+
+def short_name(dom_id: int | str, name: str) -> str:
+    """The directory name libvirt gives a running domain's private files."""
+    return f"{dom_id}-{name[:SHORT_NAME_MAX]}"
+
+
+def domain_dir_candidates(backing_dir: Path, name: str, dom_id: int | None) -> list[Path]:
+    """Existing per-domain memory directories for ``name``, best match first."""
+    found: list[Path] = []
+    for base in (backing_dir / "libvirt" / "qemu", backing_dir):
+        if dom_id is not None:
+            exact = base / short_name(dom_id, name)
+            if exact.is_dir():
+                found.append(exact)
+                continue
+        suffix = "-" + name[:SHORT_NAME_MAX]
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            continue
+        matches = [
+            Path(e.path) for e in entries
+            if e.is_dir(follow_symlinks=False) and e.name.endswith(suffix) and e.name[: -len(suffix)].isdigit()
+        ]
+        found.extend(sorted(matches, key=lambda p: p.stat().st_mtime, reverse=True))
+    return found
+
+
+def all_domain_dirs(backing_dir: Path) -> Iterator[Path]:
+    """Every per-domain memory directory under both layouts."""
+    for base in (backing_dir / "libvirt" / "qemu", backing_dir):
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            continue
+        for entry in entries:
+            head, _, rest = entry.name.partition("-")
+            if rest and head.isdigit() and entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
+
+
+@dataclass(frozen=True)
+class RunningDomain:
+    name: str
+    pid: int | None
+    domain: ET.Element     # the <domain> element of the status file
+
+
+def read_pid(run_dir: Path, name: str) -> int | None:
+    """The QEMU pid libvirt recorded for ``name``, or None when there is no pid file."""
+    path = run_dir / f"{name}.pid"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise HostError(f"cannot read {path}: {err.strerror}") from None
+    if not text.isdigit():
+        raise HostError(f"cannot parse {path}: {text!r} is not a pid")
+    return int(text)
+
+
+def running_domains(run_dir: Path) -> Iterator[RunningDomain]:
+    """Domains with a status file; unreadable ones are skipped (a status file may be mid-write)."""
+    try:
+        names = sorted(p for p in os.listdir(run_dir) if p.endswith(".xml"))
+    except OSError:
+        return
+    for file in names:
+        try:
+            root = ET.parse(run_dir / file).getroot()
+        except (OSError, ET.ParseError):
+            continue
+        domain = root if root.tag == "domain" else root.find("domain")
+        if domain is None:
+            continue
+        pid_text = root.get("pid")
+        yield RunningDomain(
+            name=file[: -len(".xml")],
+            pid=int(pid_text) if pid_text and pid_text.isdigit() else None,
+            domain=domain,
+        )
