@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import XMLNS
 from .errors import DomainXMLError
 from .units import GiB, format_page_size, libvirt_bytes
 
-NS = "http://dmem-libvirt.org/xmlns/domain/1"
+NS = XMLNS
 PREFIX = "dmem"
 METADATA_VERSION = "1"
 
@@ -80,11 +81,6 @@ class DomainMemory:
         if self.source_type == "file":
             return True
         return self.access_mode is not None and self.source_type is None
-
-
-def may_concern_us(xml: bytes) -> bool:
-    """Fast pre-check on raw bytes: could this domain be ours or file-backed?  No parsing."""
-    return NS.encode() in xml or b"<memoryBacking" in xml
 
 
 def read_domain(root: Element) -> DomainMemory:

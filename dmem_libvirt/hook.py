@@ -1,7 +1,8 @@
 """The libvirt QEMU hook: ``NAME OPERATION SUBOP EXTRA`` in argv, the domain XML on stdin.
 
 libvirt runs it for every guest operation and waits for it, so a guest that is not ours costs one
-read of stdin and a byte search: nothing else is imported on that path.  A failing ``prepare``,
+read of stdin and a byte search (plus a stdlib parse if it has <memoryBacking> but no file-backed
+RAM): neither lxml nor the lifecycle is imported on that path.  A failing ``prepare``,
 ``start``, ``started``, ``migrate`` or ``restore`` prints one line on stderr (libvirt shows it to the
 user) and exits 1; ``stopped``, ``release`` and ``reconnect`` always exit 0 (libvirt ignores the former
 and kills the guest on the latter), logging what they could not do.  Only ``migrate``/``restore`` write
@@ -11,9 +12,15 @@ to stdout: the XML with this host's placement, or nothing when it does not chang
 from __future__ import annotations
 
 import sys
-from typing import IO, TYPE_CHECKING
 
+from . import may_concern_us
+
+# typing.TYPE_CHECKING without importing typing (mypy treats the name alike): this module and the
+# package are all that a call for a guest that is not ours imports.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import IO
+
     from .lifecycle import HookContext
 
 # (operation, sub-operation) -> handler name in lifecycle; anything else exits 0 at once.
@@ -41,8 +48,7 @@ def main(argv: list[str], stdin: IO[bytes], stdout: IO[str], stderr: IO[str], *,
     xml = stdin.read()
     if handler is None:
         return 0
-    from .domain import may_concern_us
-
+    # Defined in the package itself: the domain model would import re, dataclasses, typing (~19 ms).
     if not may_concern_us(xml):
         return 0
     return _dispatch(handler, name, xml, stdout, stderr, context)
@@ -75,10 +81,28 @@ def _dispatch(handler: str, name: str, xml: bytes, stdout: IO[str], stderr: IO[s
 def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookContext | None) -> int:
     import xml.etree.ElementTree as ET
 
+    from .domain import NS, read_domain
+    from .errors import DmemError, DomainXMLError
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        if NS.encode() not in xml:
+            return 0
+        raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
+    try:
+        dom = read_domain(root)
+    except DmemError:
+        # A guest that is not ours must never be failed because this reader is stricter than libvirt.
+        if NS.encode() not in xml:
+            return 0
+        raise
+    if dom.metadata is None and not dom.file_backed:
+        # Neither placed by us nor able to put its RAM on our filesystem: nothing to check or undo,
+        # and nothing heavier than the stdlib parser was imported.
+        return 0
     from . import lifecycle
     from .config import load
-    from .domain import read_domain
-    from .errors import DomainXMLError
 
     ctx = context or lifecycle.HookContext.create(load())
     if handler in ("migrate", "restore"):
@@ -86,11 +110,6 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
         if changed is not None:
             stdout.write(changed.decode())
         return 0
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
-    dom = read_domain(root)
     if handler == "prepare":
         lifecycle.prepare(ctx, name, dom)
     elif handler == "start":

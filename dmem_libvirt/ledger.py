@@ -24,7 +24,7 @@ from .lock import HostLock
 VERSION = 1
 
 STATES = frozenset({"reserved", "pinned"})
-ORIGINS = frozenset({"prepare", "migrate", "restore", "reconnect", "rebuilt"})
+ORIGINS = frozenset({"prepare", "start", "migrate", "restore", "reconnect", "rebuilt"})
 
 _FILE_NAME = "ledger.json"
 _LOCK_NAME = "lock"

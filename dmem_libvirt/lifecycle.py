@@ -23,7 +23,6 @@ from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
 from .errors import DmemError, PinError, PlacementError
 from .host import Host, fs_magic
 from .ledger import Book, Ledger, Reservation
-from .pin import pin_file, remove_file
 from .placement import place
 from .units import format_page_size, format_size
 
@@ -140,6 +139,8 @@ def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str)
                 if procmaps.mappers(ctx.proc, info.st_dev, info.st_ino):
                     log.warning(f"{path} is still mapped; left in place", entry.domain)
                     continue
+                from .pin import remove_file
+
                 remove_file(path.parent, path.name)
         if entry.state == "pinned":
             ctx.backend.released(entry.node, entry.bytes)
@@ -152,7 +153,11 @@ def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
             return True
     name = group[0].domain
     if (ctx.run_dir / f"{name}.xml").exists():
-        pid = runtime.read_pid(ctx.run_dir, name)
+        try:
+            pid = runtime.read_pid(ctx.run_dir, name)
+        except DmemError:
+            # Another guest's damaged pid file must not fail this guest's start: treat it as alive.
+            return True
         if pid and procmaps.alive(ctx.proc, pid):
             return True
     for entry in group:
@@ -188,7 +193,7 @@ def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = Non
 
 
 def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str]:
-    running = {rd.name[: runtime.SHORT_NAME_MAX] for rd in runtime.running_domains(ctx.run_dir)}
+    running = {name[: runtime.SHORT_NAME_MAX] for name in runtime.running_names(ctx.run_dir)}
     freed = []
     for directory in runtime.all_domain_dirs(ctx.host.memory_backing_dir()):
         if directory.name.partition("-")[2] in running:
@@ -200,6 +205,8 @@ def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str
             if any(procmaps.mappers(ctx.proc, f.stat().st_dev, f.stat().st_ino) for f in files):
                 continue
             size = sum(f.stat().st_blocks * 512 for f in files)
+            from .pin import remove_file
+
             for f in files:
                 remove_file(directory, f.name)
             directory.rmdir()
@@ -262,6 +269,12 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         return
     uuid = _uuid(dom, name)
     page_size = check_metadata(ctx, name, dom.metadata)
+    if not backing_dir_on_backend(ctx):
+        # libvirt would put the guest's RAM files elsewhere and start begin would refuse them:
+        # refuse now, before any page is booked.
+        mount = ctx.backend.mount
+        raise DmemError(f"memory_backing_dir {ctx.host.memory_backing_dir()} is not on the {ctx.backend.fs_name} "
+                        f"mount {mount}; set memory_backing_dir = \"{mount}\" in qemu.conf", name)
     wanted = {placed.cell: placed.node for placed in backing_files(dom)}
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
@@ -291,7 +304,21 @@ def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) ->
     if dom.metadata is None:
         return
     uuid = _uuid(dom, name)
-    page_size = check_metadata(ctx, name, dom.metadata)
+    try:
+        pinned, directory = _start(ctx, name, dom, uuid, dom_id)
+    except BaseException:
+        # The guest will not run: give its pages back now rather than wait for release end, which
+        # libvirt runs after a failed start but which may be delayed or lost with the daemon.
+        _release_quietly(ctx, name, uuid)
+        raise
+    _log_reservations("pin", pinned, dir=directory)
+
+
+def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
+           dom_id: str | None) -> tuple[list[Reservation], Path]:
+    from .pin import remove_file
+
+    page_size = check_metadata(ctx, name, dom.metadata) if dom.metadata else 0
     directory = _domain_dir(ctx, name, dom_id)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(uuid)
@@ -314,9 +341,8 @@ def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) ->
         for entry in pinned:
             remove_file(directory, entry.file)
             ctx.backend.released(entry.node, entry.bytes)
-        _release_quietly(ctx, name, uuid)
         raise
-    _log_reservations("pin", pinned, dir=directory)
+    return pinned, directory
 
 
 def _domain_dir(ctx: HookContext, name: str, dom_id: str | None) -> Path:
@@ -337,6 +363,9 @@ def _domain_dir(ctx: HookContext, name: str, dom_id: str | None) -> Path:
 
 def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, page_size: int,
              uid: int, gid: int, threads: int) -> Reservation:
+    # pin brings ctypes, threading and mmap (3-4 ms at start-up): imported only by the operation that pins.
+    from .pin import pin_file, remove_file
+
     stale = directory / entry.file
     try:
         info = os.stat(stale, follow_symlinks=False)
@@ -348,6 +377,10 @@ def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, p
             raise PinError(f"{stale} already exists and is mapped by pid {users[0]}", name)
         remove_file(directory, entry.file)
         log.event("stale-file-removed", name, path=stale)
+    if entry.state == "pinned":
+        # A second start over an entry pinned before (its release never came): those pages were
+        # counted as taken once already.
+        ctx.backend.released(entry.node, entry.bytes)
     cpus = ctx.host.node(entry.node).cpus
     if threads <= 0:
         threads = max(1, min(len(cpus) or 1, 8))
@@ -366,10 +399,12 @@ def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, p
 def _release_quietly(ctx: HookContext, name: str, uuid: str) -> None:
     try:
         with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
-            for entry in book.for_uuid(uuid):
-                book.remove_entry(entry)
-    except DmemError as err:
-        log.warning(f"could not drop the reservation after a failed pin: {err.message}", name)
+            mine = book.for_uuid(uuid)
+            if mine:
+                _drop(ctx, book, mine, "start-failed")
+    except Exception as err:
+        # The start already failed with its own message; release end will try again.
+        log.warning(f"could not drop the reservation after a failed start: {err}", name)
 
 
 def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
@@ -380,30 +415,40 @@ def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     pid = runtime.read_pid(ctx.run_dir, name)
     if pid is None:
         raise DmemError(f"no QEMU pid file {ctx.run_dir / (name + '.pid')}", name)
-    mine = [e for e in ctx.ledger.read() if e.uuid == uuid]
-    for entry in mine:
-        if entry.state != "pinned" or not entry.path:
-            raise DmemError(f"{entry.file} on host node {entry.node} was never pinned", name)
-        try:
-            info = os.stat(entry.path, follow_symlinks=False)
-        except FileNotFoundError:
-            raise DmemError(f"pinned file {entry.path} has disappeared", name) from None
-        if info.st_ino != entry.inode or info.st_size != entry.bytes:
-            raise DmemError(
-                f"{entry.path} is not the file that was pinned (inode {info.st_ino}, "
-                f"{format_size(info.st_size)}; pinned inode {entry.inode}, {format_size(entry.bytes)})", name)
-        mapped = procmaps.maps_inode(ctx.proc, pid, info.st_dev, info.st_ino)
-        if mapped < entry.bytes:
-            raise DmemError(f"QEMU (pid {pid}) maps {format_size(mapped)} of {entry.path}, "
-                            f"expected {format_size(entry.bytes)}", name)
+    # A transaction, not a lock-free read: a corrupt ledger is rebuilt (this guest's status file and
+    # QEMU already exist) instead of failing started, which would make libvirt kill the guest.
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
-        book.replace_uuid(uuid, [replace(e, pid=pid) for e in book.for_uuid(uuid)])
+        mine = {e.file: e for e in book.for_uuid(uuid)}
+        for placed in backing_files(dom):
+            _verify_mapped(ctx, name, pid, placed.file, placed.node, mine.get(placed.file))
+        book.replace_uuid(uuid, [replace(e, pid=pid) for e in mine.values()])
     log.event("verified", name, pid=pid, files=len(mine))
+
+
+def _verify_mapped(ctx: HookContext, name: str, pid: int, file: str, node: int, entry: Reservation | None) -> None:
+    # Without a pinned file QEMU created its own, which on dmemfs faults past its end (SIGBUS).
+    if entry is None or entry.state != "pinned" or not entry.path:
+        raise DmemError(f"{file} on host node {node} was never pinned", name)
+    try:
+        info = os.stat(entry.path, follow_symlinks=False)
+    except FileNotFoundError:
+        raise DmemError(f"pinned file {entry.path} has disappeared", name) from None
+    if info.st_ino != entry.inode or info.st_size != entry.bytes:
+        raise DmemError(
+            f"{entry.path} is not the file that was pinned (inode {info.st_ino}, "
+            f"{format_size(info.st_size)}; pinned inode {entry.inode}, {format_size(entry.bytes)})", name)
+    mapped = procmaps.maps_inode(ctx.proc, pid, info.st_dev, info.st_ino)
+    if mapped < entry.bytes:
+        raise DmemError(f"QEMU (pid {pid}) maps {format_size(mapped)} of {entry.path}, "
+                        f"expected {format_size(entry.bytes)}", name)
 
 
 def release(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     """``stopped end`` / ``release end``: unpin; idempotent, bounded by the lock timeout."""
     if not dom.uuid:
+        return
+    if dom.metadata is None and not any(e.uuid == dom.uuid for e in ctx.ledger.read()):
+        # A file-backed guest that is not ours: take the host lock only if it somehow holds pages.
         return
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(dom.uuid)
@@ -415,11 +460,25 @@ def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None
     """``reconnect begin``: re-adopt a running guest's reservations, rebuilding them if lost."""
     if dom.metadata is None or not dom.uuid:
         return
-    pid = runtime.read_pid(ctx.run_dir, name)
+    try:
+        pid = runtime.read_pid(ctx.run_dir, name)
+    except DmemError as err:
+        # Re-adopting without a pid beats failing: libvirt kills a guest whose reconnect hook fails.
+        log.warning(f"reconnect without a pid: {err.message}", name)
+        pid = None
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(dom.uuid)
         if mine:
-            book.replace_uuid(dom.uuid, [replace(e, pid=pid or e.pid) for e in mine])
+            # An entry still "reserved" while the guest runs lost its pin to a crash between
+            # pinning and recording it: the file on the mount tells what was pinned.
+            on_mount = {e.file: e for e in _found_on_mount(ctx, name, dom, pid, "reconnect", dom_id)}
+            readopted = []
+            for entry in mine:
+                seen = on_mount.get(entry.file)
+                if entry.state != "pinned" and seen is not None and seen.state == "pinned":
+                    entry = replace(entry, state="pinned", path=seen.path, inode=seen.inode)
+                readopted.append(replace(entry, pid=pid or entry.pid))
+            book.replace_uuid(dom.uuid, readopted)
             log.event("readopt", name, pid=pid, files=len(mine))
         else:
             found = _found_on_mount(ctx, name, dom, pid, "reconnect", dom_id)

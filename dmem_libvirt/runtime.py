@@ -24,14 +24,18 @@ def short_name(dom_id: int | str, name: str) -> str:
 
 
 def domain_dir_candidates(backing_dir: Path, name: str, dom_id: int | None) -> list[Path]:
-    """Existing per-domain memory directories for ``name``, best match first."""
+    """Existing per-domain memory directories for ``name``, best match first.
+
+    With the domain id known only ``<id>-<name>`` counts: a directory of an earlier run of the same
+    guest is never the one QEMU will map.  Without it, every ``<digits>-<name>``, newest first.
+    """
     found: list[Path] = []
     for base in (backing_dir / "libvirt" / "qemu", backing_dir):
         if dom_id is not None:
             exact = base / short_name(dom_id, name)
             if exact.is_dir():
                 found.append(exact)
-                continue
+            continue
         suffix = "-" + name[:SHORT_NAME_MAX]
         try:
             entries = list(os.scandir(base))
@@ -77,6 +81,18 @@ def read_pid(run_dir: Path, name: str) -> int | None:
     if not text.isdigit():
         raise HostError(f"cannot parse {path}: {text!r} is not a pid")
     return int(text)
+
+
+def running_names(run_dir: Path) -> list[str]:
+    """Names of the domains that have a status file, without parsing it.
+
+    libvirt keeps ``<name>.xml`` for exactly the domains it runs; each also holds the live domain and every
+    QEMU capability libvirt probed, so parsing them all would cost each prepare ~0.15 ms per running guest.
+    """
+    try:
+        return sorted(p[: -len(".xml")] for p in os.listdir(run_dir) if p.endswith(".xml"))
+    except OSError:
+        return []
 
 
 def running_domains(run_dir: Path) -> Iterator[RunningDomain]:

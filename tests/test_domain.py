@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dmem_libvirt import may_concern_us
 from dmem_libvirt.domain import (
     NS,
     CellPlacement,
@@ -16,7 +17,6 @@ from dmem_libvirt.domain import (
     backing_files,
     cell_host_cpus,
     hole_punch_warnings,
-    may_concern_us,
     parse_cpuset,
     read_domain,
     unsupported,
