@@ -11,6 +11,7 @@ import difflib
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -35,6 +36,17 @@ class Streams:
     def err(self, text: str) -> None:
         self.stderr.write(text + "\n")
 
+    def document(self, data: bytes, encoding: str) -> None:
+        """An XML document exactly as serialized: bytes through a binary stdout, else decoded text."""
+        binary = getattr(self.stdout, "buffer", None)
+        if binary is None:
+            self.stdout.write(data.decode(encoding))
+            return
+        # The document carries its own encoding declaration: its bytes must not be re-encoded.
+        self.stdout.flush()
+        binary.write(data)
+        binary.flush()
+
 
 def _node_list(text: str) -> list[int]:
     try:
@@ -53,12 +65,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-c", "--connect", metavar="URI", default=default, help="libvirt URI (default: libvirt's)")
+    p.add_argument("--config", metavar="FILE", default=default,
+                   help=f"config file (default: ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmem-libvirt",
                                      description="Run libvirt guests on reserved host memory (dmemfs).")
-    parser.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: libvirt's)")
-    parser.add_argument("--config", metavar="FILE",
-                        help=f"config file (default: ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH})")
+    _global_options(parser, None)
+    # Also accepted after the command (`rewrite --config FILE`); SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def placement_options(p: argparse.ArgumentParser) -> None:
@@ -67,24 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--round", action="store_true", dest="round_up",
                        help="round cell sizes up to whole pages instead of refusing")
 
-    p = sub.add_parser("rewrite", help="offline: domain XML on stdin -> rewritten XML on stdout")
+    p = sub.add_parser("rewrite", parents=[common], help="offline: domain XML on stdin -> rewritten XML on stdout")
     placement_options(p)
     p.add_argument("--page-size", type=_size, metavar="SIZE", help="page size (default: the host's)")
     for name, text in (("plan", "dry run: placement table and diff"), ("enable", "rewrite and define"),
                        ("disable", "restore the original definition")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("domain")
         if name != "disable":
             placement_options(p)
-    p = sub.add_parser("status", help="pools per host node, reservations, domains")
+    p = sub.add_parser("status", parents=[common], help="pools per host node, reservations, domains")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     for name, text in (("install-hook", "install the libvirt hook and reload the daemon"),
                        ("uninstall-hook", "remove the libvirt hook and reload the daemon")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--hooks-dir", type=Path, metavar="DIR",
                        help="libvirt's hooks directory (default: [libvirt] hooks_dir, /etc/libvirt/hooks)")
-    sub.add_parser("reconcile", help="adopt running guests, free what no live guest owns")
-    sub.add_parser("check", help="verify the installation; print each finding with its fix")
+    sub.add_parser("reconcile", parents=[common], help="adopt running guests, free what no live guest owns")
+    sub.add_parser("check", parents=[common], help="verify the installation; print each finding with its fix")
     return parser
 
 
@@ -93,14 +112,22 @@ def main(argv: Sequence[str] | None = None, conn: Connection | None = None, *,
     io = Streams(stdin or sys.stdin.buffer, stdout or sys.stdout, stderr or sys.stderr)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # argparse prints usage errors and --help itself: send them to the streams we were given.
+        with redirect_stdout(io.stdout), redirect_stderr(io.stderr):
+            args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
         config = config_mod.load(config_mod.resolve_path(args.config))
         return COMMANDS[args.command](args, config, conn, io)
     except DmemError as err:
-        io.err(err.line())
+        domain = getattr(args, "domain", None)
+        io.err((err.for_domain(domain) if domain else err).line())
+        return 1
+    except OSError as err:
+        # A host file failing where no module expected it (permissions, a full disk): still one line.
+        where = f": {err.filename}" if err.filename else ""
+        io.err(DmemError(f"{args.command} failed: {err.strerror or err}{where}", getattr(args, "domain", None)).line())
         return 1
 
 
@@ -117,28 +144,27 @@ def _rooms(ctx: HookContext, uuid: str | None) -> list[NodeRoom]:
     return node_rooms(pools, ctx.ledger.read(), ctx.node_cpus(pools), except_uuid=uuid)
 
 
-def _uuid_of(xml: bytes) -> str | None:
-    from . import domxml
-    from .domain import read_domain
-
-    return read_domain(domxml.parse(xml).getroot()).uuid
-
-
 def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
           page_size: int | None = None) -> Plan:
-    from . import define
+    from . import define, domxml
+    from .domain import read_domain
 
-    ctx = _context(config)
-    page = page_size or ctx.backend.page_size()
-    rooms: list[NodeRoom] | None
+    # Hostile or malformed XML is refused before anything on the host is read.
+    dom = read_domain(domxml.parse(xml).getroot())
     try:
-        rooms = _rooms(ctx, _uuid_of(xml))
-    except HostError:
-        if not args.nodes:
-            raise
-        rooms = None
-    return define.plan(xml, page_size=page, rooms=rooms, backend=ctx.backend.name,
-                       nodes=args.nodes, round_up=args.round_up)
+        ctx = _context(config)
+        page = page_size or ctx.backend.page_size()
+        rooms: list[NodeRoom] | None
+        try:
+            rooms = _rooms(ctx, dom.uuid)
+        except HostError as err:
+            if not args.nodes:
+                raise HostError(f"{err.message}; or give the host nodes with --nodes") from None
+            rooms = None
+        return define.plan(xml, page_size=page, rooms=rooms, backend=ctx.backend.name,
+                           nodes=args.nodes, round_up=args.round_up)
+    except DmemError as err:
+        raise err.for_domain(dom.name) from None
 
 
 def cmd_rewrite(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
@@ -146,7 +172,7 @@ def cmd_rewrite(args: argparse.Namespace, config: config_mod.Config, conn: Conne
     plan = _plan(args, config, xml, args.page_size)
     for warning in plan.warnings:
         io.err(f"dmem-libvirt: {plan.name}: warning: {warning}")
-    io.stdout.write(plan.rewritten.decode())
+    io.document(plan.rewritten, plan.encoding)
     return 0
 
 
@@ -178,13 +204,17 @@ def placement_table(plan: Plan) -> list[str]:
 
 
 def cmd_plan(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import domxml
+
     _, xml, _ = _domain_xml(args, conn)
     plan = _plan(args, config, xml)
     for line in placement_table(plan):
         io.out(line)
     for warning in plan.warnings:
         io.out(f"warning: {warning}")
-    diff = difflib.unified_diff(plan.original.decode().splitlines(keepends=True),
+    # libvirt writes attributes in single quotes, lxml in double: compare like with like.
+    before = domxml.serialize(domxml.parse(plan.original))
+    diff = difflib.unified_diff(before.decode().splitlines(keepends=True),
                                 plan.rewritten.decode().splitlines(keepends=True),
                                 f"{plan.name} (defined)", f"{plan.name} (enabled)")
     text = "".join(diff)

@@ -19,7 +19,6 @@ from .placement import CellNeed, NodeRoom, place
 @dataclass(frozen=True)
 class Plan:
     name: str
-    uuid: str | None
     page_size: int
     needs: tuple[CellNeed, ...]
     rooms: tuple[NodeRoom, ...]      # empty when placing offline without pool data
@@ -27,11 +26,12 @@ class Plan:
     original: bytes
     rewritten: bytes
     warnings: tuple[str, ...]
-    was_enabled: bool
+    encoding: str = "UTF-8"          # of ``original`` and ``rewritten``, as the document declares it
 
     @property
     def changed(self) -> bool:
-        return self.original != self.rewritten
+        """True when defining ``rewritten`` would change the domain (libvirt's quoting aside)."""
+        return self.original != self.rewritten and domxml.canonical(self.original) != domxml.canonical(self.rewritten)
 
 
 def needs_of(dom: DomainMemory, page_size: int, *, round_up: bool) -> list[CellNeed]:
@@ -82,9 +82,9 @@ def plan(xml: bytes | str, *, page_size: int, rooms: Sequence[NodeRoom] | None, 
             # The recorded placement no longer fits: choose afresh rather than keep a refusal.
             placement = place(name, needs, rooms, page_size, cellless=cellless)
     warnings = domxml.rewrite(tree, placement, page_size, backend=backend, round_up=round_up)
-    return Plan(name=name, uuid=dom.uuid, page_size=page_size, needs=tuple(needs), rooms=tuple(rooms or ()),
+    return Plan(name=name, page_size=page_size, needs=tuple(needs), rooms=tuple(rooms or ()),
                 placement=dict(placement), original=original, rewritten=domxml.serialize(tree),
-                warnings=tuple(warnings), was_enabled=dom.metadata is not None)
+                warnings=tuple(warnings), encoding=tree.docinfo.encoding or "UTF-8")
 
 
 def undo(xml: bytes | str) -> tuple[str, bytes | None]:

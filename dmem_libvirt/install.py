@@ -2,7 +2,8 @@
 
 libvirt looks for hooks only at daemon start or SIGHUP (measured), so installing or removing the hook
 reloads the QEMU driver's daemon — the one whose pid is in ``<run_dir>/driver.pid``, never another
-daemon of the machine — or says exactly what to run.  A hook file we did not write is never touched.
+daemon of the machine — or fails naming the exact command to run.  A hook file we did not write is
+never touched.
 """
 
 from __future__ import annotations
@@ -71,33 +72,51 @@ class Daemon:
     name: str
 
 
-def running_daemon(run_dir: Path, proc: Path) -> Daemon | None:
-    """The daemon that owns libvirt's QEMU driver state in ``run_dir`` (it holds driver.pid)."""
+def find_daemon(run_dir: Path, proc: Path) -> Daemon | str:
+    """The daemon holding ``<run_dir>/driver.pid`` (libvirt's QEMU driver state), or why there is none."""
+    pid_file = run_dir / "driver.pid"
     try:
-        text = (run_dir / "driver.pid").read_text().strip()
-    except OSError:
-        return None
+        text = pid_file.read_text().strip()
+    except OSError as err:
+        return f"{pid_file} cannot be read ({err.strerror})"
     if not text.isdigit():
-        return None
+        return f"{pid_file} holds {text!r}, not a pid"
     try:
         name = (proc / text / "comm").read_text().strip()
     except OSError:
-        return None
-    return Daemon(int(text), name) if name in DAEMONS else None
+        return f"{pid_file} names pid {text}, which is not running"
+    if name not in DAEMONS:
+        return f"{pid_file} names pid {text}, which is {name!r}"
+    return Daemon(int(text), name)
+
+
+def daemon_name(run_dir: Path) -> str:
+    """The daemon that runs the QEMU driver on this host, whether or not it is running now."""
+    # With the modular daemons the QEMU driver lives in virtqemud, whose socket sits beside run_dir.
+    return "virtqemud" if (run_dir.parent / "virtqemud-sock").exists() else "libvirtd"
 
 
 def reload_daemon(run_dir: Path, proc: Path, state_dir: Path) -> str:
-    """SIGHUP the QEMU driver's daemon so it rescans hooks; a message for the user."""
-    daemon = running_daemon(run_dir, proc)
-    if daemon is None:
-        return "no running libvirtd/virtqemud found; it will see the hook when it starts"
+    """SIGHUP the QEMU driver's daemon so it rescans hooks; a message for the user.
+
+    Raises DmemError naming the command to run when there is no daemon to signal or it cannot be signalled.
+    """
+    daemon = find_daemon(run_dir, proc)
+    if not isinstance(daemon, Daemon):
+        # systemctl starts a stopped unit here and reloads a running one the pid file did not lead to.
+        raise DmemError(f"no running libvirtd or virtqemud to reload: {daemon}; libvirt runs the hook only "
+                        f"after a reload or restart: systemctl reload-or-restart {daemon_name(run_dir)}")
     try:
         os.kill(daemon.pid, signal.SIGHUP)
     except OSError as err:
-        raise DmemError(f"cannot signal {daemon.name} (pid {daemon.pid}): {err.strerror}; run "
-                        f"'systemctl reload {daemon.name}' or 'kill -HUP {daemon.pid}'") from None
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (state_dir / RELOAD_STAMP).write_text(f"{daemon.pid} {time.time()}\n")
+        raise DmemError(f"cannot signal {daemon.name} (pid {daemon.pid}): {err.strerror}; "
+                        f"run as root: kill -HUP {daemon.pid}") from None
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (state_dir / RELOAD_STAMP).write_text(f"{daemon.pid} {time.time()}\n")
+    except OSError as err:
+        raise DmemError(f"reloaded {daemon.name} (pid {daemon.pid}) but cannot record it in "
+                        f"{state_dir / RELOAD_STAMP}: {err.strerror}") from None
     # The daemon rescans hooks from its event loop; give it a moment before the next virsh start.
     time.sleep(0.5)
     return f"reloaded {daemon.name} (pid {daemon.pid})"
@@ -109,11 +128,19 @@ def install_hook(hooks_dir: Path, *, python: str | None = None) -> Path:
     if target.exists() and not is_ours(target):
         raise DmemError(f"{target} exists and was not written by dmem-libvirt; move it away first")
     text = render_hook(hook_template(), python or sys.executable, library_paths())
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = target.with_name(f".{HOOK_NAME}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, target)
+    # libvirt runs the executables it finds in qemu.d/: a half-installed temporary file must not be one.
+    tmp = hooks_dir / f".{HOOK_NAME}.tmp"
+    try:
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as err:
+        raise DmemError(f"cannot create {target.parent}: {err.strerror}") from None
+    try:
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DmemError(f"cannot install the hook as {target}: {err.strerror}") from None
     return target
 
 
@@ -124,5 +151,8 @@ def uninstall_hook(hooks_dir: Path) -> Path | None:
         return None
     if not is_ours(target):
         raise DmemError(f"{target} was not written by dmem-libvirt; not removing it")
-    target.unlink()
+    try:
+        target.unlink()
+    except OSError as err:
+        raise DmemError(f"cannot remove the hook {target}: {err.strerror}") from None
     return target

@@ -8,15 +8,15 @@ with the fix an operator should apply.
 from __future__ import annotations
 
 import os
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from . import install
 from .errors import DmemError
+from .host import fs_magic
 from .lifecycle import HookContext, backing_dir_on_backend, collect_orphans, rebuild_from_running
-from .units import format_page_size, format_size
+from .units import GiB, format_page_size, format_size
 
 # A 64-byte struct page for every 4 KiB page: what reserved memory without struct page saves.
 STRUCT_PAGE_BYTES = 64
@@ -107,50 +107,72 @@ class Finding:
 
 def check(ctx: HookContext) -> list[Finding]:
     """Every condition a working installation needs, each with its fix."""
-    findings: list[Finding] = []
-    hooks_dir = ctx.config.libvirt.hooks_dir
-    findings.extend(_check_hook(ctx, hooks_dir))
-    mount = ctx.backend.mount
-    from .host import fs_magic
+    return [*_check_hook(ctx), _check_mount(ctx), _check_backing_dir(ctx), _check_debugfs(ctx),
+            _check_page_size(ctx), *_check_confinement(ctx)]
 
+
+def _mount_command(ctx: HookContext) -> str:
+    mount = ctx.backend.mount
+    if ctx.config.dmemfs.emulate:
+        return f"mkdir -p {mount} && mount -t tmpfs none {mount}"
+    return f"mkdir -p {mount} && mount -t dmemfs none -o pagesize=2M {mount} (see examples/dev-dmem.mount)"
+
+
+def _check_mount(ctx: HookContext) -> Finding:
+    mount = ctx.backend.mount
     try:
         magic = fs_magic(mount)
-        ok = magic == ctx.backend.fs_magic
-        findings.append(Finding(ok, f"{mount} is {'' if ok else 'not '}a {ctx.backend.fs_name} mount"
-                                    + ("" if ok else f" (filesystem magic {magic:#x})"),
-                                "mount -t dmemfs none -o pagesize=2M " + str(mount)
-                                + " (see examples/dev-dmem.mount)"))
     except OSError as err:
-        findings.append(Finding(False, f"{mount} cannot be examined: {err.strerror}",
-                                f"mkdir -p {mount} && mount -t dmemfs none -o pagesize=2M {mount}"))
+        return Finding(False, f"{mount} cannot be examined: {err.strerror}", _mount_command(ctx))
+    if magic != ctx.backend.fs_magic:
+        return Finding(False, f"{mount} is not a {ctx.backend.fs_name} mount (filesystem magic {magic:#x}, "
+                              f"expected {ctx.backend.fs_magic:#x})", _mount_command(ctx))
+    return Finding(True, f"{mount} is a {ctx.backend.fs_name} mount")
+
+
+def _check_backing_dir(ctx: HookContext) -> Finding:
+    mount = ctx.backend.mount
+    qemu_conf = ctx.config.libvirt.qemu_conf
     try:
-        findings.append(Finding(backing_dir_on_backend(ctx),
-                                f"libvirt memory_backing_dir {ctx.host.memory_backing_dir()} is "
-                                f"{'' if backing_dir_on_backend(ctx) else 'not '}on {mount}",
-                                f'set memory_backing_dir = "{mount}" in {ctx.config.libvirt.qemu_conf} '
-                                "and restart libvirtd"))
+        backing = ctx.host.memory_backing_dir()
     except DmemError as err:
-        findings.append(Finding(False, err.message, f"fix {ctx.config.libvirt.qemu_conf}"))
-    debugfs_ok = ctx.host.debugfs_available()
-    capacity = bool(ctx.config.dmemfs.capacity)
-    findings.append(Finding(debugfs_ok or capacity,
-                            f"dmem statistics in {ctx.config.dmemfs.debugfs} "
-                            + ("readable" if debugfs_ok else "unreadable")
-                            + ("" if debugfs_ok or not capacity else "; using [dmemfs.capacity]"),
-                            "mount -t debugfs none /sys/kernel/debug, or declare [dmemfs.capacity] "
-                            "per node in the config"))
+        return Finding(False, err.message, f"fix memory_backing_dir in {qemu_conf}")
+    if backing_dir_on_backend(ctx):
+        return Finding(True, f"libvirt memory_backing_dir {backing} is on {mount}")
+    return Finding(False, f"libvirt memory_backing_dir {backing} is not on {mount}",
+                   f'set memory_backing_dir = "{mount}" in {qemu_conf} and restart {_daemon(ctx)}')
+
+
+def _check_debugfs(ctx: HookContext) -> Finding:
+    debugfs = ctx.config.dmemfs.debugfs
+    if ctx.host.debugfs_available():
+        return Finding(True, f"dmem statistics in {debugfs} readable")
+    if ctx.config.dmemfs.capacity:
+        return Finding(True, f"dmem statistics in {debugfs} unreadable; using [dmemfs.capacity]")
+    return Finding(False, f"dmem statistics in {debugfs} unreadable and no [dmemfs.capacity] declared",
+                   f"mount -t debugfs none {debugfs.parent}, or declare [dmemfs.capacity] per node "
+                   f"in {ctx.config.source or 'the config'}")
+
+
+def _check_page_size(ctx: HookContext) -> Finding:
     try:
-        findings.append(Finding(True, f"page size {format_page_size(ctx.backend.page_size())}"))
+        page_size = ctx.backend.page_size()
     except DmemError as err:
-        findings.append(Finding(False, err.message, "make [dmemfs] page_size match the mount's pagesize="))
-    findings.extend(_check_confinement(ctx))
-    return findings
+        return Finding(False, err.message, "make [dmemfs] page_size match the mount's pagesize=")
+    if page_size >= GiB:
+        # QEMU reads a backing file's page size only on hugetlbfs, and libvirt cannot ask for align=1G.
+        return Finding(False, f"page size {format_page_size(page_size)}: libvirt cannot align guest RAM "
+                              f"to {format_page_size(page_size)} on dmemfs, so no guest can use it",
+                       f"remount with -o pagesize=2M: {_mount_command(ctx)}")
+    return Finding(True, f"page size {format_page_size(page_size)}")
 
 
-def _check_hook(ctx: HookContext, hooks_dir: os.PathLike[str]) -> list[Finding]:
-    from pathlib import Path
+def _daemon(ctx: HookContext) -> str:
+    return install.daemon_name(ctx.run_dir)
 
-    path = install.hook_path(Path(hooks_dir))
+
+def _check_hook(ctx: HookContext) -> list[Finding]:
+    path = install.hook_path(ctx.config.libvirt.hooks_dir)
     fix = "dmem-libvirt install-hook"
     if not path.exists():
         return [Finding(False, f"hook {path} is missing", fix)]
@@ -159,38 +181,46 @@ def _check_hook(ctx: HookContext, hooks_dir: os.PathLike[str]) -> list[Finding]:
     if not os.access(path, os.X_OK):
         return [Finding(False, f"hook {path} is not executable", f"chmod 755 {path}")]
     findings = [Finding(True, f"hook {path} installed")]
-    interpreter = path.read_text().splitlines()[0][2:].split()[0]
+    shebang = path.read_text().splitlines()[0]
+    interpreter = shebang[2:].split()[0] if shebang.startswith("#!") and shebang[2:].split() else ""
     if not os.access(interpreter, os.X_OK):
-        findings.append(Finding(False, f"the hook's interpreter {interpreter} is gone", fix))
-    daemon = install.running_daemon(ctx.run_dir, ctx.proc)
-    if daemon is None:
-        findings.append(Finding(False, "no running libvirtd/virtqemud owns " + str(ctx.run_dir),
-                                "systemctl start libvirtd (or virtqemud)"))
+        findings.append(Finding(False, f"the hook's interpreter {interpreter or '(none)'} is not executable",
+                                fix))
+    daemon = install.find_daemon(ctx.run_dir, ctx.proc)
+    if not isinstance(daemon, install.Daemon):
+        findings.append(Finding(False, f"no running libvirtd or virtqemud has loaded the hook: {daemon}",
+                                f"systemctl reload-or-restart {_daemon(ctx)}"))
         return findings
     seen_since = max(_process_start(ctx, daemon.pid), _reload_time(ctx, daemon.pid))
-    ok = seen_since >= path.stat().st_mtime
-    findings.append(Finding(ok, f"{daemon.name} (pid {daemon.pid}) "
-                                + ("has seen the hook" if ok else "started before the hook was installed"),
-                            f"systemctl reload {daemon.name} (or kill -HUP {daemon.pid})"))
+    if seen_since >= path.stat().st_mtime:
+        findings.append(Finding(True, f"{daemon.name} (pid {daemon.pid}) has seen the hook"))
+    else:
+        # libvirt looks for hook scripts only when the daemon starts or gets SIGHUP.
+        findings.append(Finding(False, f"{daemon.name} (pid {daemon.pid}) has not seen the hook: it started "
+                                       "before the hook was written and was not reloaded since",
+                                f"kill -HUP {daemon.pid} (or systemctl reload {daemon.name})"))
     return findings
 
 
 def _process_start(ctx: HookContext, pid: int) -> float:
+    """When ``pid`` started, in seconds since the epoch (0 when it cannot be told)."""
     try:
+        # Field 22 of /proc/<pid>/stat, in clock ticks since boot; comm may contain ')' and spaces.
         fields = (ctx.proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
         btime = next(int(line.split()[1]) for line in (ctx.proc / "stat").read_text().splitlines()
                      if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, StopIteration, IndexError, ValueError):
         return 0.0
-    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _reload_time(ctx: HookContext, pid: int) -> float:
+    """When install-hook last reloaded this very daemon (0 when it did not)."""
     try:
         stamp_pid, stamp = (ctx.config.state.dir / install.RELOAD_STAMP).read_text().split()
+        return float(stamp) if stamp_pid == str(pid) else 0.0
     except (OSError, ValueError):
         return 0.0
-    return float(stamp) if stamp_pid == str(pid) else 0.0
 
 
 def _check_confinement(ctx: HookContext) -> list[Finding]:
@@ -220,6 +250,3 @@ def _check_confinement(ctx: HookContext) -> list[Finding]:
                                       + (" (security_driver = \"none\")" if driver_none else "")))
     return findings
 
-
-def age(seconds_since: float) -> str:
-    return f"{time.time() - seconds_since:.0f} s"

@@ -19,13 +19,11 @@ class DomainHandle(Protocol):
     def name(self) -> str: ...
     def XMLDesc(self, flags: int = 0) -> str: ...
     def isActive(self) -> int: ...
-    def UUIDString(self) -> str: ...
 
 
 class Connection(Protocol):
     def lookupByName(self, name: str) -> DomainHandle: ...
     def defineXML(self, xml: str) -> DomainHandle: ...
-    def listAllDomains(self, flags: int = 0) -> list[DomainHandle]: ...
 
 
 def _message(err: Exception) -> str:
@@ -65,10 +63,3 @@ def define(conn: Connection, name: str, xml: str) -> None:
         conn.defineXML(xml)
     except Exception as err:
         raise LibvirtError(f"libvirt refused the new definition: {_message(err)}", name) from None
-
-
-def domains(conn: Connection) -> list[DomainHandle]:
-    try:
-        return list(conn.listAllDomains(0))
-    except Exception as err:
-        raise LibvirtError(f"cannot list domains: {_message(err)}") from None

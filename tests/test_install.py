@@ -1,0 +1,308 @@
+"""`dmem-libvirt install-hook` / `uninstall-hook`: the installed file runs as libvirt runs it, foreign files
+are never touched, and the QEMU driver's daemon is reloaded (SIGHUP) or the command fails naming what to run.
+
+The daemon is a Python child that calls itself libvirtd (/proc/<pid>/comm) and records every SIGHUP.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dmem_libvirt import cli, install
+
+PLAIN_GUEST = b"""<domain type='kvm'>
+  <name>plain</name>
+  <uuid>0b7e2f6a-3f0e-4f7e-8f43-2c1c6f1d9a10</uuid>
+  <memory unit='KiB'>262144</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+</domain>
+"""
+# What libvirt gives a hook: cwd /, an environment of LC_ALL, PATH and HOME only.
+LIBVIRT_ENV = {"LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+
+FAKE_DAEMON = """
+import signal, sys
+marker, name = sys.argv[1], sys.argv[2]
+if name:
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(name)
+def hup(signum, frame):
+    with open(marker, "a") as out:
+        out.write("SIGHUP\\n")
+signal.signal(signal.SIGHUP, hup)
+open(marker + ".ready", "w").close()
+while True:
+    signal.pause()
+"""
+
+
+@dataclass(frozen=True)
+class Host:
+    root: Path
+    config: Path
+    hooks_dir: Path
+    run_dir: Path
+    state_dir: Path
+
+    @property
+    def hook(self) -> Path:
+        return self.hooks_dir / "qemu.d" / "50-dmem-libvirt"
+
+    def dmem(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--config", str(self.config), *argv, "--hooks-dir", str(self.hooks_dir)],
+                        stdin=io.BytesIO(b""), stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    """Install needs only the hooks dir, libvirt's run dir, the state dir and /proc (the real one)."""
+    run_dir = tmp_path / "run" / "libvirt" / "qemu"
+    run_dir.mkdir(parents=True)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[host]\nproc = "/proc"\n\n[libvirt]\nrun_dir = "{run_dir}"\n'
+                      f'hooks_dir = "{tmp_path / "unused-hooks"}"\n\n[state]\ndir = "{tmp_path / "state"}"\n')
+    return Host(tmp_path, config, tmp_path / "hooks", run_dir, tmp_path / "state")
+
+
+@dataclass(frozen=True)
+class FakeDaemon:
+    pid: int
+    marker: Path
+
+    def hangups(self, expected: int = 0, timeout: float = 5.0) -> int:
+        """SIGHUPs received; waits up to ``timeout`` for ``expected`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            count = len(self.marker.read_text().splitlines()) if self.marker.exists() else 0
+            if count >= expected or time.monotonic() > deadline:
+                return count
+            time.sleep(0.01)
+
+
+def spawn_daemon(tmp_path: Path, name: str) -> Iterator[FakeDaemon]:
+    marker = tmp_path / f"hangups-{name or 'unnamed'}"
+    child = subprocess.Popen([sys.executable, "-c", FAKE_DAEMON, str(marker), name])
+    try:
+        deadline = time.monotonic() + 10
+        while not marker.with_name(marker.name + ".ready").exists():
+            assert child.poll() is None, "the fake daemon died"
+            assert time.monotonic() < deadline, "the fake daemon did not start"
+            time.sleep(0.01)
+        yield FakeDaemon(child.pid, marker)
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+
+
+@pytest.fixture
+def libvirtd(host: Host) -> Iterator[FakeDaemon]:
+    """A process named libvirtd whose pid is in <run_dir>/driver.pid, as the QEMU driver writes it."""
+    for daemon in spawn_daemon(host.root, "libvirtd"):
+        (host.run_dir / "driver.pid").write_text(f"{daemon.pid}\n")
+        yield daemon
+
+
+def installed_library_paths(hook: Path) -> list[str]:
+    for line in hook.read_text().splitlines():
+        if line.startswith("LIBRARY_PATHS"):
+            value = ast.literal_eval(line.split("=", 1)[1].strip())
+            assert isinstance(value, list)
+            return [str(path) for path in value]
+    raise AssertionError(f"no LIBRARY_PATHS line in {hook}")
+
+
+# ---- the installed file ------------------------------------------------------------------------------
+
+
+def test_installed_hook_is_executable_with_an_absolute_interpreter_and_one_flag_word(
+        host: Host, libvirtd: FakeDaemon) -> None:
+    code, out, err = host.dmem("install-hook")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == f"installed {host.hook}"
+    mode = host.hook.stat().st_mode
+    assert stat.S_ISREG(mode) and mode & 0o111 == 0o111
+    first = host.hook.read_text().splitlines()[0]
+    # Linux passes everything after the interpreter as ONE argument: "-I -S" would arrive as "-I -S".
+    assert first == f"#!{sys.executable} -IS"
+    assert Path(first[2:].split()[0]).is_absolute()
+    assert len(first[2:].split()) == 2
+    assert os.listdir(host.hook.parent) == ["50-dmem-libvirt"]
+    assert not [p for p in host.hooks_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("operation", [
+    ["prepare", "begin", "-"], ["start", "begin", "-"], ["started", "begin", "-"], ["stopped", "end", "-"],
+    ["release", "end", "shutdown"], ["reconnect", "begin", "-"], ["migrate", "begin", "-"],
+])
+def test_installed_hook_runs_as_libvirt_runs_it_and_lets_a_plain_guest_through(
+        host: Host, operation: list[str]) -> None:
+    install.install_hook(host.hooks_dir)
+    result = subprocess.run([str(host.hook), "plain", *operation], input=PLAIN_GUEST, capture_output=True,
+                            env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+def test_installed_hook_finds_the_package_and_lxml_through_its_library_paths(host: Host) -> None:
+    install.install_hook(host.hooks_dir)
+    paths = installed_library_paths(host.hook)
+    assert str(Path(install.__file__).resolve().parent.parent) in paths
+    probe = f"import sys; sys.path[:0] = {paths!r}; import lxml.etree, dmem_libvirt.domxml, dmem_libvirt.hook"
+    result = subprocess.run([sys.executable, "-IS", "-c", probe], capture_output=True, text=True,
+                            env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_hook_template_without_library_paths_cannot_find_the_package(tmp_path: Path) -> None:
+    # What LIBRARY_PATHS is for: -I -S leaves no site-packages, no PYTHONPATH, no script directory.
+    bare = tmp_path / "bare-hook"
+    bare.write_text(install.render_hook(install.hook_template(), sys.executable, []))
+    bare.chmod(0o755)
+    result = subprocess.run([str(bare), "plain", "prepare", "begin", "-"], input=PLAIN_GUEST, capture_output=True,
+                            env={**LIBVIRT_ENV, "PYTHONPATH": str(Path(install.__file__).parent.parent)},
+                            cwd="/", timeout=60, check=False)
+    assert result.returncode != 0
+    assert b"No module named 'dmem_libvirt'" in result.stderr
+
+
+# ---- foreign files ---------------------------------------------------------------------------------------
+
+
+def write_foreign(path: Path, text: str = "#!/bin/sh\nexit 0\n", mode: int = 0o750) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def test_install_refuses_to_clobber_a_hook_someone_else_wrote(host: Host, libvirtd: FakeDaemon) -> None:
+    write_foreign(host.hook)
+    code, out, err = host.dmem("install-hook")
+    assert (code, out) == (1, "")
+    assert err == f"dmem-libvirt: {host.hook} exists and was not written by dmem-libvirt; move it away first\n"
+    assert host.hook.read_text() == "#!/bin/sh\nexit 0\n"
+    assert stat.S_IMODE(host.hook.stat().st_mode) == 0o750
+    assert libvirtd.hangups() == 0
+
+
+def test_uninstall_leaves_a_foreign_file_with_our_name_alone(host: Host, libvirtd: FakeDaemon) -> None:
+    write_foreign(host.hook)
+    code, out, err = host.dmem("uninstall-hook")
+    assert (code, out) == (1, "")
+    assert err == f"dmem-libvirt: {host.hook} was not written by dmem-libvirt; not removing it\n"
+    assert host.hook.read_text() == "#!/bin/sh\nexit 0\n"
+
+
+def test_uninstall_removes_only_our_hook_and_reloads(host: Host, libvirtd: FakeDaemon) -> None:
+    other = host.hooks_dir / "qemu.d" / "10-other"
+    write_foreign(other, "#!/bin/sh\n# from dmem_libvirt.hook import entry is only quoted here\n")
+    assert host.dmem("install-hook")[0] == 0
+    assert libvirtd.hangups(1) == 1
+    code, out, err = host.dmem("uninstall-hook")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [f"removed {host.hook}", f"reloaded libvirtd (pid {libvirtd.pid})"]
+    assert not host.hook.exists()
+    assert other.read_text().startswith("#!/bin/sh\n")
+    assert libvirtd.hangups(2) == 2
+
+
+def test_uninstall_without_a_hook_does_nothing(host: Host, libvirtd: FakeDaemon) -> None:
+    assert host.dmem("uninstall-hook") == (0, f"no hook at {host.hook}\n", "")
+    assert libvirtd.hangups() == 0
+
+
+def test_reinstall_replaces_our_own_hook(host: Host, libvirtd: FakeDaemon) -> None:
+    assert host.dmem("install-hook")[0] == 0
+    stale = host.hook.read_text().replace("LIBRARY_PATHS: list[str] = [", "LIBRARY_PATHS: list[str] = ['/stale', ")
+    host.hook.write_text(stale)
+    assert "/stale" in installed_library_paths(host.hook)
+    assert host.dmem("install-hook")[0] == 0
+    assert "/stale" not in installed_library_paths(host.hook)
+
+
+# ---- reloading the daemon ------------------------------------------------------------------------------
+
+
+def test_install_sends_sighup_to_the_daemon_named_in_driver_pid(host: Host, libvirtd: FakeDaemon) -> None:
+    code, out, err = host.dmem("install-hook")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == f"reloaded libvirtd (pid {libvirtd.pid})"
+    assert libvirtd.hangups(1) == 1
+
+
+def test_install_without_a_running_daemon_exits_1_with_the_command_to_run(host: Host) -> None:
+    code, out, err = host.dmem("install-hook")
+    assert code == 1
+    assert out == f"installed {host.hook}\n"
+    assert err == (f"dmem-libvirt: no running libvirtd or virtqemud to reload: {host.run_dir / 'driver.pid'} "
+                   "cannot be read (No such file or directory); libvirt runs the hook only after a reload or "
+                   "restart: systemctl reload-or-restart libvirtd\n")
+    assert os.access(host.hook, os.X_OK)
+
+
+def test_modular_daemon_host_is_told_to_reload_virtqemud(host: Host) -> None:
+    (host.run_dir.parent / "virtqemud-sock").touch()
+    code, _, err = host.dmem("install-hook")
+    assert code == 1
+    assert err.endswith("systemctl reload-or-restart virtqemud\n")
+
+
+def test_stale_driver_pid_of_another_program_is_not_signalled(host: Host) -> None:
+    for other in spawn_daemon(host.root, ""):
+        (host.run_dir / "driver.pid").write_text(f"{other.pid}\n")
+        code, _, err = host.dmem("install-hook")
+        assert code == 1
+        assert f"names pid {other.pid}, which is 'python" in err
+        assert err.endswith("systemctl reload-or-restart libvirtd\n")
+        assert other.hangups(timeout=0.3) == 0
+
+
+def test_driver_pid_of_a_dead_process_is_reported(host: Host) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    (host.run_dir / "driver.pid").write_text(f"{dead.pid}\n")
+    code, _, err = host.dmem("install-hook")
+    assert code == 1
+    assert f"names pid {dead.pid}, which is not running" in err
+
+
+def test_reload_records_when_it_signalled_which_daemon(host: Host, libvirtd: FakeDaemon) -> None:
+    before = time.time()
+    assert host.dmem("install-hook")[0] == 0
+    pid, when = (host.state_dir / install.RELOAD_STAMP).read_text().split()
+    assert int(pid) == libvirtd.pid
+    assert before <= float(when) <= time.time()
+
+
+def test_daemon_that_cannot_be_signalled_is_told_the_kill_command(host: Host, libvirtd: FakeDaemon,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refuse)
+    code, _, err = host.dmem("install-hook")
+    assert code == 1
+    assert err == (f"dmem-libvirt: cannot signal libvirtd (pid {libvirtd.pid}): Operation not permitted; "
+                   f"run as root: kill -HUP {libvirtd.pid}\n")
+
+
+def test_install_into_an_unusable_hooks_dir_is_one_line(host: Host, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(["--config", str(host.config), "install-hook", "--hooks-dir", str(blocker / "hooks")],
+                    stdin=io.BytesIO(b""), stdout=out, stderr=err)
+    assert (code, out.getvalue()) == (1, "")
+    assert err.getvalue() == f"dmem-libvirt: cannot create {blocker / 'hooks' / 'qemu.d'}: Not a directory\n"
