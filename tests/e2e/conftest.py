@@ -2,7 +2,8 @@
 
 Every test under tests/e2e is marked `e2e`.  The `sandbox` fixture comes up once with the dmem-libvirt hook
 installed and fails (never skips) with what to install when it cannot; `hookless` removes the hook for one
-test.  `guest` builds a small diskless guest XML with the sandbox's <domain type> (KVM or TCG).
+test.  `guest` builds a small diskless guest XML with the sandbox's <domain type> (KVM or TCG); `enabled`
+defines one and runs `dmem-libvirt enable` on it; `running` defines and starts one.
 """
 
 from __future__ import annotations
@@ -72,6 +73,26 @@ def guest(sandbox: Sandbox) -> GuestFactory:
                          file_backed=file_backed, console=console)
 
     return build
+
+
+@pytest.fixture
+def enabled(sandbox: Sandbox, guest: GuestFactory) -> Iterator[Callable[..., str]]:
+    """enabled(name, memory=256 MiB, cells=()): define a guest, `dmem-libvirt enable` it, return its name.
+
+    The guest is not started; it is destroyed (which releases its reservation) and undefined after the test.
+    """
+    names: list[str] = []
+
+    def enable(name: str, memory: int = 256 * MiB, *, cells: Sequence[int] = ()) -> str:
+        sandbox.define(guest(name, memory, cells=cells))
+        names.append(name)
+        sandbox.dmem("enable", name)
+        return name
+
+    yield enable
+    for name in names:
+        sandbox.virsh("destroy", name, check=False)
+        sandbox.virsh("undefine", name, check=False)
 
 
 @pytest.fixture
