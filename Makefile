@@ -1,5 +1,5 @@
-# make demo  - a guest on emulated dmemfs in a private libvirtd sandbox, then a refusal, then cleanup
-# make test  - bootstrap, lint, then the whole test suite (end-to-end included); as root on Debian 12
+# ./dev demo (or make demo)  - a guest on emulated dmemfs in a private libvirtd sandbox, then a refusal, then cleanup
+# ./dev test (or make test)  - bootstrap, lint, then the whole test suite (end-to-end included); as root on Debian 12
 # make unit / make e2e / make lint / make bootstrap - the parts
 
 PYTHON  ?= /usr/bin/python3
@@ -7,7 +7,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 # The sandbox's libvirtd + QEMU (util-linux: unshare, nsenter), and what libvirt-python compiles against.
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libxml2-utils \
-                util-linux python3-venv libvirt-dev pkg-config gcc
+                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc
 
 .PHONY: bootstrap apt unit e2e lint test demo
 
