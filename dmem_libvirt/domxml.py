@@ -436,17 +436,17 @@ def _undo_root(root: etree._Element) -> bool:
     # Undo in the reverse order of the rewrite so every removal gives back exactly the whitespace taken.
     metadata = mine.getparent()
     assert metadata is not None
-    _remove(mine)
+    remove_element(mine)
     if len(metadata) == 0:
         if metadata_text is None:
-            _remove(metadata)
+            remove_element(metadata)
         elif metadata_text:
             _replace(metadata, _parse_fragment(metadata_text, "metadata", name))
     for what, element in reversed(restored):
         current = root.find(what)
         if element is None:
             if current is not None:
-                _remove(current)
+                remove_element(current)
         elif current is not None:
             _replace(current, element)
         else:
@@ -554,7 +554,7 @@ def _indent_step(element: etree._Element) -> str:
 
 
 def _insert_after(parent: etree._Element, anchor: etree._Element | None, new: etree._Element) -> None:
-    """Insert `new` after `anchor` (first if None), indented like its neighbours; see _remove."""
+    """Insert `new` after `anchor` (first if None), indented like its neighbours; see remove_element."""
     if anchor is None and len(parent) == 0:
         outer = _indent_before(parent) if parent.getparent() is not None else ""
         if not (parent.text or "").strip():
@@ -572,7 +572,7 @@ def _insert_after(parent: etree._Element, anchor: etree._Element | None, new: et
         anchor.addnext(new)
 
 
-def _remove(element: etree._Element) -> None:
+def remove_element(element: etree._Element) -> None:
     """Remove `element`, giving its tail back to what precedes it: the exact inverse of _insert_after."""
     parent = element.getparent()
     assert parent is not None

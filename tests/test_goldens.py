@@ -70,13 +70,7 @@ def strip_owned(data: bytes, extra: tuple[str, ...] = ()) -> etree._ElementTree:
     tree = domxml.parse(data)
     for path in OWNED + extra:
         for element in tree.getroot().findall(path):
-            parent = element.getparent()
-            previous = element.getprevious()
-            if previous is not None:
-                previous.tail = element.tail
-            else:
-                parent.text = element.tail
-            parent.remove(element)
+            domxml.remove_element(element)
     return tree
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid as uuid_module
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -194,16 +194,6 @@ class Rig:
 
     def total_free_pages(self) -> int:
         return int((self.config.dmemfs.debugfs / "free_dpages").read_text())
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    """Two host nodes with 64 MiB of 2 MiB dmem pages each."""
-    made = Rig(tmp_path / "host")
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 def start_guest(rig: Rig, name: str, xml: bytes, dom_id: int, pid: int) -> tuple[bytes, Path]:

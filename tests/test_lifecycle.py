@@ -13,7 +13,6 @@ import mmap
 import os
 import subprocess
 import syslog
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,16 +28,6 @@ from dmem_libvirt.units import MiB
 
 WEB = "web01"
 DB = "db02"
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    """Two host nodes with 64 MiB of 2 MiB dmem pages each."""
-    made = Rig(tmp_path / "host")
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture
