@@ -137,13 +137,6 @@ def _context(config: config_mod.Config) -> HookContext:
     return HookContext.create(config)
 
 
-def _rooms(ctx: HookContext, uuid: str | None) -> list[NodeRoom]:
-    from .admission import node_rooms
-
-    pools = ctx.backend.pools()
-    return node_rooms(pools, ctx.ledger.read(), ctx.node_cpus(pools), except_uuid=uuid)
-
-
 def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
           page_size: int | None = None) -> Plan:
     from . import define, domxml
@@ -156,7 +149,7 @@ def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
         page = page_size or ctx.backend.page_size()
         rooms: list[NodeRoom] | None
         try:
-            rooms = _rooms(ctx, dom.uuid)
+            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid)
         except HostError as err:
             if not args.nodes:
                 raise HostError(f"{err.message}; or give the host nodes with --nodes") from None

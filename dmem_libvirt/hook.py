@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from . import may_concern_us
+from . import XMLNS, may_concern_us
 
 # typing.TYPE_CHECKING without importing typing (mypy treats the name alike): this module and the
 # package are all that a call for a guest that is not ours imports.
@@ -81,20 +81,21 @@ def _dispatch(handler: str, name: str, xml: bytes, stdout: IO[str], stderr: IO[s
 def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookContext | None) -> int:
     import xml.etree.ElementTree as ET
 
-    from .domain import NS, read_domain
+    from .domain import read_domain
     from .errors import DmemError, DomainXMLError
 
+    # A guest that is not ours must never be failed because this reader is stricter than libvirt.
+    ours = XMLNS.encode() in xml
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as err:
-        if NS.encode() not in xml:
+        if not ours:
             return 0
         raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
     try:
         dom = read_domain(root)
     except DmemError:
-        # A guest that is not ours must never be failed because this reader is stricter than libvirt.
-        if NS.encode() not in xml:
+        if not ours:
             return 0
         raise
     if dom.metadata is None and not dom.file_backed:

@@ -10,20 +10,19 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import log, procmaps, runtime
 from .admission import cell_needs, node_rooms
 from .backends import Backend, open_backend
-from .backends.dmemfs import DMEMFS_MAGIC
 from .config import Config
 from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
 from .errors import DmemError, PinError, PlacementError
-from .host import Host, fs_magic
+from .host import DMEMFS_MAGIC, Host, fs_magic
 from .ledger import Book, Ledger, Reservation
-from .placement import place
+from .placement import NodeRoom, place
 from .units import format_page_size, format_size
 
 
@@ -51,8 +50,11 @@ class HookContext:
     def run_dir(self) -> Path:
         return self.config.libvirt.run_dir
 
-    def node_cpus(self, nodes: Iterable[int]) -> dict[int, frozenset[int]]:
-        return {node: self.host.node(node).cpus for node in nodes}
+    def rooms(self, held: Sequence[Reservation], *, except_uuid: str | None) -> list[NodeRoom]:
+        """Each pool's room for a domain, given what the ledger holds (``except_uuid``'s own entries aside)."""
+        pools = self.backend.pools()
+        local_cpus = {node: self.host.node(node).cpus for node in pools}
+        return node_rooms(pools, held, local_cpus, except_uuid=except_uuid)
 
     def rebuild(self) -> list[Reservation]:
         return rebuild_from_running(self)
@@ -96,6 +98,11 @@ def _uuid(dom: DomainMemory, name: str) -> str:
     return dom.uuid
 
 
+def _recorded_placement(dom: DomainMemory) -> dict[int, int]:
+    """Guest cell -> host node, as the domain's metadata records it."""
+    return {placed.cell: placed.node for placed in backing_files(dom)}
+
+
 def _new_reservations(ctx: HookContext, name: str, uuid: str, dom: DomainMemory,
                       placement: dict[int, int], origin: str) -> list[Reservation]:
     assert dom.metadata is not None
@@ -111,8 +118,7 @@ def _new_reservations(ctx: HookContext, name: str, uuid: str, dom: DomainMemory,
 def _admit(ctx: HookContext, book: Book, name: str, uuid: str, dom: DomainMemory, page_size: int,
            *, fixed: dict[int, int] | None) -> dict[int, int]:
     assert dom.metadata is not None
-    pools = ctx.backend.pools()
-    rooms = node_rooms(pools, book.reservations, ctx.node_cpus(pools), except_uuid=uuid)
+    rooms = ctx.rooms(book.reservations, except_uuid=uuid)
     return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless)
 
 
@@ -125,20 +131,28 @@ def _log_reservations(action: str, entries: Iterable[Reservation], **extra: obje
 # ---- giving memory back --------------------------------------------------------------------------
 
 
+def _mappers(ctx: HookContext, path: Path | str, inode: int | None = None) -> list[int] | None:
+    """Pids mapping the file at ``path``; None when there is no such file (or it is not ``inode``)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if inode is not None and info.st_ino != inode:
+        return None
+    return procmaps.mappers(ctx.proc, info.st_dev, info.st_ino)
+
+
 def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str) -> None:
     """Remove entries from the book, delete their files when nobody maps them, return pinned pages."""
     for entry in entries:
         book.remove_entry(entry)
         if entry.path:
             path = Path(entry.path)
-            try:
-                info = os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
-                info = None
-            if info is not None and info.st_ino == entry.inode:
-                if procmaps.mappers(ctx.proc, info.st_dev, info.st_ino):
-                    log.warning(f"{path} is still mapped; left in place", entry.domain)
-                    continue
+            users = _mappers(ctx, path, entry.inode)
+            if users:
+                log.warning(f"{path} is still mapped; left in place", entry.domain)
+                continue
+            if users is not None:
                 from .pin import remove_file
 
                 remove_file(path.parent, path.name)
@@ -160,15 +174,7 @@ def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
             return True
         if pid and procmaps.alive(ctx.proc, pid):
             return True
-    for entry in group:
-        if entry.path:
-            try:
-                info = os.stat(entry.path, follow_symlinks=False)
-            except OSError:
-                continue
-            if procmaps.mappers(ctx.proc, info.st_dev, info.st_ino):
-                return True
-    return False
+    return any(entry.path and _mappers(ctx, entry.path) for entry in group)
 
 
 def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = None) -> list[str]:
@@ -202,7 +208,7 @@ def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str
             if now - directory.stat().st_mtime < grace:
                 continue
             files = [f for f in os.scandir(directory) if f.is_file(follow_symlinks=False)]
-            if any(procmaps.mappers(ctx.proc, f.stat().st_dev, f.stat().st_ino) for f in files):
+            if any(_mappers(ctx, f.path) for f in files):
                 continue
             size = sum(f.stat().st_blocks * 512 for f in files)
             from .pin import remove_file
@@ -239,8 +245,7 @@ def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
 def _found_on_mount(ctx: HookContext, name: str, dom: DomainMemory, pid: int | None, origin: str,
                     dom_id: str | None) -> list[Reservation]:
     assert dom.metadata is not None and dom.uuid
-    directories = runtime.domain_dir_candidates(
-        ctx.host.memory_backing_dir(), name, int(dom_id) if dom_id and dom_id.isdigit() else None)
+    directories = runtime.domain_dir_candidates(ctx.host.memory_backing_dir(), name, dom_id)
     entries = []
     for placed in backing_files(dom):
         entry = Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
@@ -275,7 +280,7 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         mount = ctx.backend.mount
         raise DmemError(f"memory_backing_dir {ctx.host.memory_backing_dir()} is not on the {ctx.backend.fs_name} "
                         f"mount {mount}; set memory_backing_dir = \"{mount}\" in qemu.conf", name)
-    wanted = {placed.cell: placed.node for placed in backing_files(dom)}
+    wanted = _recorded_placement(dom)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         mine = book.for_uuid(uuid)
@@ -318,14 +323,14 @@ def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
            dom_id: str | None) -> tuple[list[Reservation], Path]:
     from .pin import remove_file
 
-    page_size = check_metadata(ctx, name, dom.metadata) if dom.metadata else 0
+    assert dom.metadata is not None
+    page_size = check_metadata(ctx, name, dom.metadata)
     directory = _domain_dir(ctx, name, dom_id)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(uuid)
         if not mine:
             # prepare did not run for this start (e.g. the hook was installed in between): admit now.
-            wanted = {placed.cell: placed.node for placed in backing_files(dom)}
-            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
+            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=_recorded_placement(dom))
             mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
             for entry in mine:
                 book.add(entry)
@@ -347,7 +352,7 @@ def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
 
 def _domain_dir(ctx: HookContext, name: str, dom_id: str | None) -> Path:
     backing = ctx.host.memory_backing_dir()
-    found = runtime.domain_dir_candidates(backing, name, int(dom_id) if dom_id and dom_id.isdigit() else None)
+    found = runtime.domain_dir_candidates(backing, name, dom_id)
     if not found:
         raise PinError(f"libvirt's memory directory for this guest is missing under {backing} "
                        f"(looked for {runtime.short_name(dom_id or '<id>', name)} in both layouts)", name)
@@ -367,12 +372,8 @@ def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, p
     from .pin import pin_file, remove_file
 
     stale = directory / entry.file
-    try:
-        info = os.stat(stale, follow_symlinks=False)
-    except FileNotFoundError:
-        info = None
-    if info is not None:
-        users = procmaps.mappers(ctx.proc, info.st_dev, info.st_ino)
+    users = _mappers(ctx, stale)
+    if users is not None:
         if users:
             raise PinError(f"{stale} already exists and is mapped by pid {users[0]}", name)
         remove_file(directory, entry.file)
@@ -498,7 +499,7 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
         return None
     uuid = _uuid(dom, name)
     page_size = check_metadata(ctx, name, dom.metadata)
-    current = {placed.cell: placed.node for placed in backing_files(dom)}
+    current = _recorded_placement(dom)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         mine = book.for_uuid(uuid)

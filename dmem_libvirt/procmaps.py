@@ -125,13 +125,27 @@ def cmdline(proc: Path, pid: int) -> list[str]:
     return [os.fsdecode(arg) for arg in args]
 
 
-def alive(proc: Path, pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a dead QEMU waiting to be reaped maps nothing)."""
+def _stat_fields(proc: Path, pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat from the state on (field 3); [] when the process is gone."""
     if pid <= 0:
-        return False
+        return []
     text = _read(proc / str(pid) / "stat")
     if not text:
-        return False
+        return []
     # "pid (comm) S ...": comm may contain spaces and parentheses, the state follows the last ')'.
-    state = text[text.rfind(")") + 1:].split(None, 1)
-    return bool(state) and state[0] not in ("Z", "X", "x")
+    return text[text.rfind(")") + 1:].split()
+
+
+def alive(proc: Path, pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a dead QEMU waiting to be reaped maps nothing)."""
+    fields = _stat_fields(proc, pid)
+    return bool(fields) and fields[0] not in ("Z", "X", "x")
+
+
+def start_ticks(proc: Path, pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of stat); None when it is gone."""
+    fields = _stat_fields(proc, pid)
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None

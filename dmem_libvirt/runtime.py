@@ -23,12 +23,15 @@ def short_name(dom_id: int | str, name: str) -> str:
     return f"{dom_id}-{name[:SHORT_NAME_MAX]}"
 
 
-def domain_dir_candidates(backing_dir: Path, name: str, dom_id: int | None) -> list[Path]:
+def domain_dir_candidates(backing_dir: Path, name: str, dom_id: str | None) -> list[Path]:
     """Existing per-domain memory directories for ``name``, best match first.
 
-    With the domain id known only ``<id>-<name>`` counts: a directory of an earlier run of the same
-    guest is never the one QEMU will map.  Without it, every ``<digits>-<name>``, newest first.
+    With the domain id known (the ``id`` attribute of the live XML) only ``<id>-<name>`` counts: a
+    directory of an earlier run of the same guest is never the one QEMU will map.  Without it, every
+    ``<digits>-<name>``, newest first.
     """
+    if dom_id is not None and not dom_id.isdigit():
+        dom_id = None
     found: list[Path] = []
     for base in (backing_dir / "libvirt" / "qemu", backing_dir):
         if dom_id is not None:
@@ -97,13 +100,9 @@ def running_names(run_dir: Path) -> list[str]:
 
 def running_domains(run_dir: Path) -> Iterator[RunningDomain]:
     """Domains with a status file; unreadable ones are skipped (a status file may be mid-write)."""
-    try:
-        names = sorted(p for p in os.listdir(run_dir) if p.endswith(".xml"))
-    except OSError:
-        return
-    for file in names:
+    for name in running_names(run_dir):
         try:
-            root = ET.parse(run_dir / file).getroot()
+            root = ET.parse(run_dir / f"{name}.xml").getroot()
         except (OSError, ET.ParseError):
             continue
         domain = root if root.tag == "domain" else root.find("domain")
@@ -111,7 +110,7 @@ def running_domains(run_dir: Path) -> Iterator[RunningDomain]:
             continue
         pid_text = root.get("pid")
         yield RunningDomain(
-            name=file[: -len(".xml")],
+            name=name,
             pid=int(pid_text) if pid_text and pid_text.isdigit() else None,
             domain=domain,
         )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from . import procmaps
 from .config import HostConfig
 from .errors import DmemError
 from .host import parse_cpulist
@@ -272,7 +273,7 @@ class Sandbox:
                 raise SandboxError(f"unshare --mount failed: {stderr.strip() or 'no new namespace'}")
             time.sleep(0.01)
         owner = None if self.detached else os.getpid()
-        owner_start = None if owner is None else _start_time(owner, self.host.proc)
+        owner_start = None if owner is None else procmaps.start_ticks(self.host.proc, owner)
         self._state = SandboxState(pid, ns, owner, owner_start)
         (self.root / STATE_FILE).write_text(self._state.dump())
 
@@ -459,29 +460,13 @@ def _run_tolerating_exists(argv: list[str]) -> None:
         raise SandboxError(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
 
 
-def _start_time(pid: int, proc: Path) -> int | None:
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _alive(pid: int, proc: Path) -> bool:
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def _pid_from(pid_file: Path, proc: Path, comm: str) -> int | None:
     try:
         pid = int(pid_file.read_text().strip())
         name = (proc / str(pid) / "comm").read_text().strip()
     except (OSError, ValueError):
         return None
-    return pid if name == comm and _alive(pid, proc) else None
+    return pid if name == comm and procmaps.alive(proc, pid) else None
 
 
 def _namespace_members(mntns: str, proc: Path) -> list[int]:
@@ -490,7 +475,7 @@ def _namespace_members(mntns: str, proc: Path) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            if os.readlink(entry / "ns" / "mnt") == mntns and _alive(int(entry.name), proc):
+            if os.readlink(entry / "ns" / "mnt") == mntns and procmaps.alive(proc, int(entry.name)):
                 members.append(int(entry.name))
         except OSError:
             continue
@@ -500,12 +485,12 @@ def _namespace_members(mntns: str, proc: Path) -> list[int]:
 def _terminate(pids: Sequence[int], proc: Path, timeout: float) -> None:
     """SIGTERM, wait up to ``timeout``, then SIGKILL whatever is left, and wait for it to go."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        living = [pid for pid in pids if _alive(pid, proc)]
+        living = [pid for pid in pids if procmaps.alive(proc, pid)]
         for pid in living:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while any(_alive(pid, proc) for pid in living) and time.monotonic() < deadline:
+        while any(procmaps.alive(proc, pid) for pid in living) and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
@@ -563,7 +548,7 @@ def reap_stale(parent: Path, host: HostConfig) -> list[Path]:
         state = SandboxState.load(state_file)
         if state is None or state.owner is None:
             continue
-        if _alive(state.owner, host.proc) and _start_time(state.owner, host.proc) == state.owner_start:
+        if procmaps.alive(host.proc, state.owner) and procmaps.start_ticks(host.proc, state.owner) == state.owner_start:
             continue
         teardown(state_file.parent, state, host)
         remove_root(state_file.parent, host)

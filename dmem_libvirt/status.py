@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from . import install
+from . import install, procmaps
 from .errors import DmemError
 from .host import fs_magic
 from .lifecycle import HookContext, backing_dir_on_backend, collect_orphans, rebuild_from_running
@@ -205,13 +205,12 @@ def _check_hook(ctx: HookContext) -> list[Finding]:
 def _process_start(ctx: HookContext, pid: int) -> float:
     """When ``pid`` started, in seconds since the epoch (0 when it cannot be told)."""
     try:
-        # Field 22 of /proc/<pid>/stat, in clock ticks since boot; comm may contain ')' and spaces.
-        fields = (ctx.proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        ticks = procmaps.start_ticks(ctx.proc, pid)
         btime = next(int(line.split()[1]) for line in (ctx.proc / "stat").read_text().splitlines()
                      if line.startswith("btime "))
-        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, IndexError, ValueError):
+    except (DmemError, OSError, StopIteration, IndexError, ValueError):
         return 0.0
+    return btime + ticks / os.sysconf("SC_CLK_TCK") if ticks is not None else 0.0
 
 
 def _reload_time(ctx: HookContext, pid: int) -> float:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..host import DMEMFS_MAGIC
+
 if TYPE_CHECKING:
     from ..config import Config
     from ..host import DmemPool, Host
-
-DMEMFS_MAGIC = 0x2ACE90C6
 
 
 class DmemfsBackend:

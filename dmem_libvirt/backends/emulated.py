@@ -19,31 +19,25 @@ from typing import TYPE_CHECKING
 
 from ..errors import HostError, PinError
 from ..units import format_page_size, format_size
+from .dmemfs import DmemfsBackend
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..host import DmemPool, Host
+    from ..host import Host
 
 TMPFS_MAGIC = 0x01021994
 DIRTY_PATTERN = b"DMEM-DIRTY-PAGE!"
 
 
-class EmulatedDmemfsBackend:
-    name = "dmemfs"
+class EmulatedDmemfsBackend(DmemfsBackend):
+    """dmemfs's pools and page size, read the same way; the page accounting the kernel would do, done here."""
+
     fs_magic = TMPFS_MAGIC
     fs_name = "tmpfs (emulated dmemfs)"
 
     def __init__(self, config: Config, host: Host) -> None:
-        self.config = config
-        self.host = host
-        self.mount = config.dmemfs.mount
+        super().__init__(config, host)
         self.debugfs = config.dmemfs.debugfs
-
-    def page_size(self) -> int:
-        return self.host.dmem_page_size()
-
-    def pools(self) -> dict[int, DmemPool]:
-        return self.host.dmem_pools()
 
     def fill(self) -> Callable[[int, int], None] | None:
         from ..pin import fill_pattern
