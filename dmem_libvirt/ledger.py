@@ -193,13 +193,6 @@ class Book:
             self.reservations = result
             self.changed = True
 
-    def held_on(self, node: int, *, except_uuid: str | None = None) -> list[tuple[str, int]]:
-        """(domain, bytes) summed per domain for every entry on ``node``, in ledger order."""
-        held: dict[str, int] = {}
-        for r in self.reservations:
-            if r.node == node and r.uuid != except_uuid:
-                held[r.domain] = held.get(r.domain, 0) + r.bytes
-        return list(held.items())
 
 
 @dataclass(frozen=True)

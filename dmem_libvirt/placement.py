@@ -60,22 +60,6 @@ class NodeRoom:
         return max(0, self.free - self.reserved_total)
 
 
-@dataclass(frozen=True)
-class NodeRow:
-    """One line of a placement table: a node's room and what this guest would put there."""
-
-    node: int
-    free: int
-    reserved: tuple[tuple[str, int], ...]
-    available: int  # bytes, rounded down to whole pages
-    placed: int  # bytes of this guest's cells on the node, in whole pages
-    cells: tuple[int, ...]
-
-    @property
-    def left(self) -> int:
-        return self.available - self.placed
-
-
 def pages_for(size: int, page_size: int) -> int:
     """Whole pages that ``size`` bytes occupy."""
     return -(-size // page_size)
@@ -117,19 +101,6 @@ def place(
     if cellless:
         return problem.place_together()
     return problem.place_cells()
-
-
-def explain(
-    cells: Sequence[CellNeed], nodes: Sequence[NodeRoom], page_size: int, placement: Mapping[int, int]
-) -> list[NodeRow]:
-    """Per node (by node number): free, reserved, available in whole pages, and this guest's share."""
-    rows = []
-    for room in _sorted_rooms(nodes):
-        mine = sorted(need.cell for need in cells if placement.get(need.cell) == room.node)
-        placed = sum(pages_for(need.size, page_size) for need in cells if need.cell in mine) * page_size
-        rows.append(NodeRow(room.node, room.free, room.reserved, room_pages(room, page_size) * page_size,
-                            placed, tuple(mine)))
-    return rows
 
 
 def _sorted_rooms(nodes: Sequence[NodeRoom]) -> list[NodeRoom]:

@@ -183,9 +183,7 @@ class Sandbox:
             raise SandboxError(f"guest {name} has no QEMU pid file {path}: is it running?") from None
 
     def qemu_cmdline(self, name: str) -> list[str]:
-        pid = self.qemu_pid(name)
-        raw = (self.host.proc / str(pid) / "cmdline").read_bytes()
-        return [arg.decode() for arg in raw.split(b"\0") if arg]
+        return procmaps.cmdline(self.host.proc, self.qemu_pid(name))
 
     def libvirtd_pid(self) -> int | None:
         return _pid_from(self.private("/run/libvirt/libvirtd.pid"), self.host.proc, "libvirtd")

@@ -265,20 +265,6 @@ def test_a_reservation_missing_a_field_is_refused() -> None:
         Reservation.from_json(data)
 
 
-def test_held_on_sums_each_domains_files_on_that_node_only() -> None:
-    book = Book([
-        res("web01", "ram-node0", node=0, size=4 * GiB),
-        res("web01", "ram-node1", node=1, size=4 * GiB),
-        res("web01", "memdimm0", node=0, size=512 * MiB),
-        res("db02", "pc.ram", node=0, size=2 * GiB),
-        res("db03", "pc.ram", node=1, size=GiB),
-    ])
-    assert book.held_on(0) == [("web01", 4 * GiB + 512 * MiB), ("db02", 2 * GiB)]
-    assert book.held_on(1) == [("web01", 4 * GiB), ("db03", GiB)]
-    assert book.held_on(0, except_uuid="uuid-web01") == [("db02", 2 * GiB)]
-    assert book.held_on(7) == []
-
-
 def test_booking_the_same_file_of_a_domain_twice_is_refused() -> None:
     book = Book([res()])
     with pytest.raises(LedgerError, match="ram-node0 of domain uuid uuid-web01 is already in the ledger"):

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from dmem_libvirt.errors import PlacementError
-from dmem_libvirt.placement import CellNeed, NodeRoom, explain, place
+from dmem_libvirt.placement import CellNeed, NodeRoom, place
 from dmem_libvirt.units import GiB, MiB
 
 PAGE = 2 * MiB
@@ -251,17 +251,3 @@ def test_unknown_policy_and_duplicate_nodes_are_programming_errors() -> None:
         place("web01", cells(1), rooms(8), PAGE, policy="random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="duplicate host node"):
         place("web01", cells(1), [NodeRoom(0, GiB), NodeRoom(0, GiB)], PAGE)
-
-
-# -- explain -------------------------------------------------------------------------------------------
-
-
-def test_explain_gives_one_row_per_node_with_whole_page_room_and_this_guests_share() -> None:
-    host = [NodeRoom(1, 8 * GiB + 1 * MiB, (("db02", 2 * GiB),)), NodeRoom(0, 4 * GiB)]
-    need = cells(2, 3)
-    rows = explain(need, host, PAGE, {0: 1, 1: 1})
-    assert [row.node for row in rows] == [0, 1]
-    assert (rows[0].placed, rows[0].cells, rows[0].available) == (0, (), 4 * GiB)
-    assert rows[1].available == 6 * GiB
-    assert (rows[1].placed, rows[1].cells, rows[1].left) == (5 * GiB, (0, 1), 1 * GiB)
-    assert rows[1].reserved == (("db02", 2 * GiB),)
