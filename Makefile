@@ -44,4 +44,4 @@ test: bootstrap
 	$(BIN)/pytest -q
 
 demo: bootstrap
-	$(BIN)/python -m dmem_libvirt.sandbox demo
+	$(BIN)/python tests/sandbox.py demo

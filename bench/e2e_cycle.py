@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -23,8 +24,11 @@ from datetime import datetime
 from pathlib import Path
 
 from dmem_libvirt.install import HOOK_NAME
-from dmem_libvirt.sandbox import Sandbox, SandboxError, guest_xml
 from dmem_libvirt.units import GiB, MiB, format_size, parse_size
+
+# The sandbox is a test harness, kept beside the tests rather than in the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from sandbox import Sandbox, SandboxError, guest_xml
 
 PLAIN_MEMORY = 256 * MiB
 LIBVIRTD_LOG = "/var/log/libvirt/libvirtd.log"

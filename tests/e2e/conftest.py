@@ -1,4 +1,4 @@
-"""End-to-end fixtures: one private libvirtd + QEMU sandbox (dmem_libvirt.sandbox) for the whole session.
+"""End-to-end fixtures: one private libvirtd + QEMU sandbox (tests/sandbox.py) for the whole session.
 
 Every test under tests/e2e is marked `e2e`.  The `sandbox` fixture comes up once with the dmem-libvirt hook
 installed and fails (never skips) with what to install when it cannot; `hookless` removes the hook for one
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dmem_libvirt.sandbox import APT_PACKAGES, Sandbox, SandboxError, guest_xml
 from dmem_libvirt.units import GiB, MiB
+
+from sandbox import APT_PACKAGES, Sandbox, SandboxError, guest_xml
 
 E2E_DIR = Path(__file__).resolve().parent
 PER_NODE = 2 * GiB

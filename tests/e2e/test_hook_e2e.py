@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
-from dmem_libvirt.sandbox import Sandbox, SandboxError, memory_arguments
 from dmem_libvirt.units import MiB, format_size
 
 from .conftest import GuestFactory
+from sandbox import Sandbox, SandboxError, memory_arguments
 
 Enable = Callable[..., str]
 Start = Callable[[str, str], int]

@@ -13,10 +13,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from dmem_libvirt.sandbox import STATE_FILE, Sandbox, SandboxState, guest_xml, memory_arguments, mount_points
 from dmem_libvirt.units import MiB
 
 from .conftest import GuestFactory, bring_up, sandbox_root
+from sandbox import STATE_FILE, Sandbox, SandboxState, guest_xml, memory_arguments, mount_points
 
 Start = Callable[[str, str], int]
 
@@ -118,9 +118,11 @@ def test_down_stops_guests_and_daemons_and_unmounts_everything() -> None:
 
 def test_next_up_cleans_a_sandbox_whose_session_was_killed() -> None:
     root = sandbox_root("crashed")
-    crash = ("import os, signal, sys; from pathlib import Path; from dmem_libvirt.sandbox import Sandbox; "
+    crash = ("import os, signal, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+             "from sandbox import Sandbox; "
              "Sandbox(Path(sys.argv[1]), hook=False).up(); os.kill(os.getpid(), signal.SIGKILL)")
-    result = subprocess.run([sys.executable, "-c", crash, str(root)], capture_output=True, text=True,
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", crash, str(root), tests_dir], capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == -signal.SIGKILL, result.stderr
     state = SandboxState.load(root / STATE_FILE)

@@ -3,7 +3,7 @@
 `Sandbox(root, per_node).up()` installs what is missing, bind-mounts directories under `root` over libvirt's
 and dmem-libvirt's host paths inside a private mount namespace, emulates dmemfs there, installs the hook and
 starts virtlogd + libvirtd.  `down()` stops every process of that namespace by pid and removes `root`;
-the machine's own libvirt, mounts and configuration are never touched.  CLI: `python -m dmem_libvirt.sandbox`.
+the machine's own libvirt, mounts and configuration are never touched.  CLI: `python tests/sandbox.py`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from . import procmaps
-from .config import HostConfig
-from .errors import DmemError
-from .host import parse_cpulist
-from .units import GiB, KiB, MiB, format_size, parse_size
+from dmem_libvirt import procmaps
+from dmem_libvirt.config import HostConfig
+from dmem_libvirt.errors import DmemError
+from dmem_libvirt.host import parse_cpulist
+from dmem_libvirt.units import GiB, KiB, MiB, format_size, parse_size
 
 APT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients", "qemu-system-x86",
                 "libxml2-utils", "util-linux")
@@ -660,7 +660,7 @@ def _show(result: subprocess.CompletedProcess[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dmem_libvirt.sandbox",
+    parser = argparse.ArgumentParser(prog="python tests/sandbox.py",
                                      description="A private libvirtd + QEMU on emulated dmemfs.")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"sandbox directory ({DEFAULT_ROOT})")
     parser.add_argument("--per-node", type=parse_size, default=DEFAULT_PER_NODE, metavar="SIZE",
