@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from .placement import CellNeed, NodeRoom
 
 if TYPE_CHECKING:
+    from .backends import Pool
     from .domain import DomainMemory
-    from .host import DmemPool
     from .ledger import Reservation
 
 
@@ -28,7 +28,7 @@ def _by_domain(entries: Iterable[Reservation]) -> tuple[tuple[str, int], ...]:
 
 
 def node_rooms(
-    pools: Mapping[int, DmemPool],
+    pools: Mapping[int, Pool],
     held: Sequence[Reservation],
     node_cpus: Mapping[int, frozenset[int]],
     *,

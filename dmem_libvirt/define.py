@@ -58,7 +58,7 @@ def plan(xml: bytes | str, *, page_size: int, rooms: Sequence[NodeRoom] | None, 
     original = xml.encode() if isinstance(xml, str) else bytes(xml)
     dom = read_domain(tree.getroot())
     name = dom.name
-    reason = unsupported(dom, page_size)
+    reason = unsupported(dom, page_size, backend=backend)
     if reason:
         raise DomainXMLError(reason, name)
     needs = needs_of(dom, page_size, round_up=round_up)
