@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .ledger import Reservation
 
 
-def _by_domain(entries: Iterable[Reservation]) -> tuple[tuple[str, int], ...]:
+def held_by_domain(entries: Iterable[Reservation]) -> tuple[tuple[str, int], ...]:
     totals: dict[str, int] = defaultdict(int)
     for entry in entries:
         totals[entry.domain] += entry.bytes
@@ -44,9 +44,9 @@ def node_rooms(
         kernel_view = pool.free - sum(r.bytes for r in in_flight)
         ledger_view = pool.total - sum(r.bytes for r in on_node)
         if kernel_view <= ledger_view:
-            room = NodeRoom(node, pool.free, _by_domain(in_flight), node_cpus.get(node, frozenset()))
+            room = NodeRoom(node, pool.free, held_by_domain(in_flight), node_cpus.get(node, frozenset()))
         else:
-            room = NodeRoom(node, pool.total, _by_domain(on_node), node_cpus.get(node, frozenset()))
+            room = NodeRoom(node, pool.total, held_by_domain(on_node), node_cpus.get(node, frozenset()))
         rooms.append(room)
     return rooms
 

@@ -120,7 +120,8 @@ def _admit(ctx: HookContext, book: Book, name: str, uuid: str, dom: DomainMemory
            *, fixed: dict[int, int] | None) -> dict[int, int]:
     assert dom.metadata is not None
     rooms = ctx.rooms(book.reservations, except_uuid=uuid, page_size=page_size)
-    return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless)
+    return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless,
+                 kind=ctx.backend.pages)
 
 
 def _book(ctx: HookContext, book: Book, name: str, entries: list[Reservation]) -> None:

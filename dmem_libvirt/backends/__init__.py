@@ -66,9 +66,13 @@ class Backend(Protocol):
 
     name: str      # recorded in each domain's metadata (the emulated dmemfs is "dmemfs")
     label: str     # for people: "dmemfs", "dmemfs (emulated)", "hugetlbfs"
-    mount: Path
+    pages: str     # how refusals name its pages: "dmem" or "huge"
     fs_magic: int
     fs_name: str
+
+    @property
+    def mount(self) -> Path:
+        """Where guest RAM files of the default page size live."""
 
     def page_size(self) -> int:
         """Bytes per page of this backend's default pool."""
@@ -130,9 +134,9 @@ def open_backend(config: Config, host: Host | None = None) -> Backend:
     host = host or Host(config)
     name = config.backend_name
     if name == "hugetlbfs":
-        from ..errors import ConfigError
+        from .hugetlbfs import HugetlbfsBackend
 
-        raise ConfigError("[backend] name = \"hugetlbfs\" is not available in this version")
+        return HugetlbfsBackend(config, host)
     if name == "emulated":
         from .emulated import EmulatedDmemfsBackend
 

@@ -39,6 +39,7 @@ _MOUNT_DEBUGFS = "mount -t debugfs none /sys/kernel/debug"
 class DmemfsBackend:
     name = "dmemfs"
     label = "dmemfs"
+    pages = "dmem"
     fs_magic = DMEMFS_MAGIC
     fs_name = "dmemfs"
 
