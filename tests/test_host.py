@@ -19,8 +19,9 @@ from fakehost import (
 
 from dmem_libvirt import host as host_module
 from dmem_libvirt.config import Config, HostConfig, LibvirtConfig
+from dmem_libvirt.cpulist import parse_cpulist
 from dmem_libvirt.errors import HostError
-from dmem_libvirt.host import DmemPool, Host, fs_magic, parse_cpulist
+from dmem_libvirt.host import DmemPool, Host, fs_magic
 from dmem_libvirt.units import GiB, KiB, MiB
 
 # ---- parse_cpulist ----------------------------------------------------------------------------
