@@ -43,9 +43,12 @@ def main(argv: list[str], stdin: IO[bytes], stdout: IO[str], stderr: IO[str], *,
     if len(argv) < 3:
         stderr.write("usage: dmem-libvirt-hook NAME OPERATION SUBOP [EXTRA] < domain.xml\n")
         return 2
+    from .xmlsafe import MAX_XML_BYTES
+
     name, operation, subop = argv[1], argv[2], argv[3] if len(argv) > 3 else "-"
     handler = OPERATIONS.get((operation, subop))
-    xml = stdin.read()
+    # Bounded: one byte past the limit is enough to refuse the document.
+    xml = stdin.read(MAX_XML_BYTES + 1)
     if handler is None:
         return 0
     # Defined in the package itself: the domain model would import re, dataclasses, typing (~19 ms).
@@ -83,15 +86,21 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
 
     from .domain import read_domain
     from .errors import DmemError, DomainXMLError
+    from .xmlsafe import parse_stdlib, refusal
 
     # A guest that is not ours must never be failed because this reader is stricter than libvirt.
     ours = XMLNS.encode() in xml
     try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
+        refused = refusal(xml)
+        if refused:
+            raise ValueError(refused)
+        root = parse_stdlib(xml)
+    except (ET.ParseError, ValueError) as err:
         if not ours:
             return 0
-        raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
+        if isinstance(err, ET.ParseError):
+            raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
+        raise DomainXMLError(str(err), name) from None
     try:
         dom = read_domain(root)
     except DmemError:
@@ -124,6 +133,9 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
     return 0
 
 
-def entry() -> int:
-    """Console-script entry point."""
-    return main(sys.argv, sys.stdin.buffer, sys.stdout, sys.stderr)
+def entry(xml: bytes | None = None) -> int:
+    """Console-script entry point; the hook script passes the XML it already read from stdin."""
+    import io
+
+    stdin = sys.stdin.buffer if xml is None else io.BytesIO(xml)
+    return main(sys.argv, stdin, sys.stdout, sys.stderr)

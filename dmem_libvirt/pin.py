@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import log, numa
+from .domain import backing_file_problem
 from .errors import PinError
 from .units import format_page_size, format_size
 
@@ -210,8 +211,9 @@ def scan_for(path: Path, pattern: bytes) -> int:
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..") or "\0" in name:
-        raise PinError(f"backing file name {name!r} is not a plain file name")
+    problem = backing_file_problem(name)
+    if problem:
+        raise PinError(f"backing file name {name!r} {problem}")
 
 
 @contextmanager

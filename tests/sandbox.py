@@ -28,8 +28,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from dmem_libvirt import procmaps
 from dmem_libvirt.config import HostConfig
+from dmem_libvirt.cpulist import parse_cpulist
 from dmem_libvirt.errors import DmemError
-from dmem_libvirt.host import parse_cpulist
 from dmem_libvirt.units import GiB, KiB, MiB, format_size, parse_size
 
 APT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients", "qemu-system-x86",

@@ -20,7 +20,7 @@ import pytest
 from lxml import etree
 from test_hook import PAGE, QEMU_GID, QEMU_UID, Call, Rig, enabled, guest_xml, live, start_guest
 
-from dmem_libvirt import define
+from dmem_libvirt import define, numa
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
 from dmem_libvirt.ledger import Ledger, Reservation
 from dmem_libvirt.pin import scan_for
@@ -327,13 +327,19 @@ def test_started_accepts_this_very_process_mapping_the_file_in_the_real_proc(tmp
         directory = rig.domain_dir(WEB, 5)
         assert rig.call(WEB, "start", "begin", xml).code == 0
         rig.running(WEB, xml, os.getpid())
-        with open(directory / "ram-node0", "r+b") as handle, mmap.mmap(handle.fileno(), 8 * MiB) as view:
+        fd = os.open(directory / "ram-node0", os.O_RDWR)
+        address = numa.map_shared(fd, 8 * MiB)
+        try:
+            # As QEMU does for memory-backend-file host-nodes=0 policy=bind.
+            numa.mbind(address, 8 * MiB, 0)
             assert rig.call(WEB, "started", "begin", xml) == Call(0, "", "")
             assert {e.pid for e in rig.reservations()} == {os.getpid()}
             # Pages a live process maps are not taken away under it.
             assert rig.call(WEB, "release", "end", xml) == Call(0, "", "")
             assert (directory / "ram-node0").exists()
-            del view
+        finally:
+            numa.unmap(address, 8 * MiB)
+            os.close(fd)
     finally:
         rig.close()
 
@@ -437,7 +443,7 @@ def test_reconnect_keeps_a_corrupt_ledger_aside_and_rebuilds_it(rig: Rig, logged
     assert [p.read_text() for p in aside] == ['{"version": 1, "reservations": [']
     assert sorted((e.domain, e.file, e.state, e.pid) for e in rig.reservations()) == [
         (WEB, "ram-node0", "pinned", 4242), (WEB, "ram-node1", "pinned", 4242)]
-    assert any("is corrupt" in line and aside[0].name in line and "rebuilt 2 reservations" in line
+    assert any("is corrupt" in line and aside[0].name in line and "added 2 reservations" in line
                for line in logged), logged
 
 
