@@ -544,3 +544,19 @@ class Ledger:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
+
+
+def may_hold(state_dir: Path, uuid: str) -> bool:
+    """Could the ledger under ``state_dir`` hold an entry of ``uuid``?  False means surely not.
+
+    A byte search without the lock or a parse, for the hook's release calls: libvirt runs two after every
+    stop, and the second finds nothing left to do.  Any doubt (an unreadable file) answers True.
+    """
+    try:
+        data = (Path(state_dir) / _FILE_NAME).read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    # Entries store the uuid as a JSON string; a uuid needs no escaping.
+    return f'"{uuid}"'.encode() in data
