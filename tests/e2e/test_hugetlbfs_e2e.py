@@ -1,9 +1,9 @@
 """The hugetlbfs backend under a real libvirtd, on this machine's real kernel pools.
 
-The pools and ``vm.hugetlb_optimize_vmemmap`` are host-global: `HostPools` records every pool's
-``nr_hugepages`` (per node and global) and ``nr_overcommit_hugepages`` and the HVO setting before each test
-and writes them back afterwards, also when the test fails; a module-wide fixture does it once more at the
-end.  Each test switches the sandbox's dmem-libvirt config to the hugetlbfs backend and back.
+The pools and ``vm.hugetlb_optimize_vmemmap`` are host-global: `HostPools` (tests/hostpools.py) records
+every pool's ``nr_hugepages`` (per node and global) and ``nr_overcommit_hugepages`` and the HVO setting
+before each test and writes them back afterwards, also when the test fails; a module-wide fixture does it
+once more at the end.  Each test switches the sandbox's dmem-libvirt config to the hugetlbfs backend and back.
 """
 
 from __future__ import annotations
@@ -15,65 +15,24 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hostpools
 import pytest
+from hostpools import HVO, PAGE, HostPools, pool
 
 from dmem_libvirt.units import GiB, KiB, MiB, format_size
 
 from sandbox import Sandbox, SandboxError, guest_xml
 
-PAGE = 2 * MiB
-HUGEPAGES = Path("/sys/kernel/mm/hugepages")
-NODES = Path("/sys/devices/system/node")
-HVO = Path("/proc/sys/vm/hugetlb_optimize_vmemmap")
 HOOK_FAILED = re.compile(r"Hook script execution failed: .* unexpected exit status 1: (.*)$", re.M)
 STOP_WAIT = 15.0
 PATTERN = b"PREVIOUS-TENANT!"
 
 
-@dataclass(frozen=True)
-class HostPools:
-    """The host-global hugepage and HVO settings, as files and their text."""
-
-    values: dict[Path, str]
-
-    @classmethod
-    def take(cls) -> HostPools:
-        paths = [p / name for p in sorted(HUGEPAGES.glob("hugepages-*kB"))
-                 for name in ("nr_hugepages", "nr_overcommit_hugepages")]
-        paths += sorted(NODES.glob("node*/hugepages/hugepages-*kB/nr_hugepages"))
-        paths += [HVO] if HVO.exists() else []
-        return cls({path: path.read_text() for path in paths})
-
-    def restore(self) -> None:
-        """Per-node pools first (the global count is their sum), then overcommit, then HVO."""
-        ordered = sorted(self.values, key=lambda p: (p == HVO, "node" not in str(p), str(p)))
-        for _ in range(3):
-            for path in ordered:
-                if path.read_text() != self.values[path] and not (path.name == "nr_hugepages" and
-                                                                 "node" not in str(path)):
-                    path.write_text(self.values[path])
-            if HostPools.take() == self:
-                return
-            time.sleep(0.5)
-        changed = {str(p): (v, p.read_text()) for p, v in self.values.items() if p.read_text() != v}
-        raise AssertionError(f"could not restore the host's hugepage pools: {changed}")
-
-
-def pool(node: int = 0, size: int = PAGE) -> tuple[int, int]:
-    """(nr_hugepages, free_hugepages) of the machine's node pool."""
-    directory = NODES / f"node{node}" / "hugepages" / f"hugepages-{size // KiB}kB"
-    return int((directory / "nr_hugepages").read_text()), int((directory / "free_hugepages").read_text())
-
-
 def set_pool(pages: int, node: int = 0, size: int = PAGE) -> None:
-    """Size the node's pool by hand, as an operator does."""
-    path = NODES / f"node{node}" / "hugepages" / f"hugepages-{size // KiB}kB" / "nr_hugepages"
-    path.write_text(f"{pages}\n")
-    assert pool(node, size)[0] == pages, f"the kernel did not give {pages} pages of {size} on node {node}"
+    assert hostpools.set_pool(pages, node, size) == pages, f"the kernel did not give {pages} pages on node {node}"
 
 
 def memmap_bytes() -> int:
