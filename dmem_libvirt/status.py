@@ -99,6 +99,11 @@ def reconcile(ctx: HookContext) -> list[str]:
                 book.add(entry)
                 done.append(f"adopted {entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})")
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
+        before = dict(book.grown)
+        # Pages a backend added to the kernel's pools that were still in use at their guest's release.
+        ctx.backend.give_back(ctx, book, [])
+        done.extend(f"gave back {pages - book.grown.get(key, 0)} pages of {format_page_size(key[1])} on node "
+                    f"{key[0]}" for key, pages in sorted(before.items()) if pages != book.grown.get(key, 0))
     return done
 
 
