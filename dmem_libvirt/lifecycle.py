@@ -20,7 +20,7 @@ from .backends import Backend, open_backend
 from .backends.dmemfs import DMEMFS_MAGIC
 from .config import Config
 from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
-from .errors import DmemError, PinError, PlacementError
+from .errors import DmemError, HostError, PinError, PlacementError
 from .host import Host, fs_magic
 from .ledger import Book, Ledger, Reservation
 from .placement import NodeRoom, place
@@ -68,7 +68,8 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
     backing = ctx.host.memory_backing_dir()
     try:
         real_backing, real_mount = backing.resolve(), ctx.backend.mount.resolve()
-    except OSError:
+    except (OSError, HostError):
+        # HostError: a backend without a mount yet (hugetlbfs unmounted) cannot hold anyone's RAM.
         return False
     if real_backing == real_mount or real_mount in real_backing.parents:
         return True

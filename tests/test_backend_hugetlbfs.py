@@ -421,3 +421,10 @@ def test_check_says_when_the_configured_mount_is_not_one_libvirt_uses(tmp_path: 
     assert cli.main(["--config", str(tmp_path / "config.toml"), "check"], stdout=out, stderr=io.StringIO()) == 1
     assert (f"FAIL  {other} is not in hugetlbfs_mount of {tmp_path}/etc/libvirt/qemu.conf: libvirt will not use it"
             in out.getvalue())
+
+
+def test_a_file_backed_guest_of_someone_else_starts_on_a_host_without_a_hugetlbfs_mount(tmp_path: Path) -> None:
+    config = make_huge_host(tmp_path, 1, mounted=())
+    backing = "\n  <memoryBacking>\n    <source type='file'/>\n    <access mode='shared'/>\n  </memoryBacking>"
+    xml = live(guest_xml("files01", memory=16 * MiB, backing=backing).encode(), 3)
+    assert call(context(config), "files01", "prepare", "begin", xml) == Call(0, "", "")
