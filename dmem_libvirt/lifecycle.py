@@ -20,7 +20,7 @@ from .backends import Backend, open_backend
 from .backends.dmemfs import DMEMFS_MAGIC
 from .config import Config
 from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
-from .errors import DmemError, PinError, PlacementError
+from .errors import DmemError, HostError, PinError, PlacementError
 from .host import Host, fs_magic
 from .ledger import Book, Ledger, Reservation
 from .placement import NodeRoom, place
@@ -68,7 +68,8 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
     backing = ctx.host.memory_backing_dir()
     try:
         real_backing, real_mount = backing.resolve(), ctx.backend.mount.resolve()
-    except OSError:
+    except (OSError, HostError):
+        # HostError: a backend without a mount yet (hugetlbfs unmounted) cannot hold anyone's RAM.
         return False
     if real_backing == real_mount or real_mount in real_backing.parents:
         return True
@@ -175,7 +176,7 @@ def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str)
         if entry.state == "pinned":
             ctx.backend.released(entry.node, entry.bytes)
     _log_reservations(action, dropped)
-    ctx.backend.give_back(ctx, book)
+    ctx.backend.give_back(ctx, book, dropped)
     return kept
 
 

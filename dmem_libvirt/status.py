@@ -54,6 +54,9 @@ def collect(ctx: HookContext) -> dict[str, Any]:
             for e in sorted(reservations, key=lambda e: (e.domain, e.file))
         ],
         "domains": sorted(domains.values(), key=lambda d: d["name"]),
+        # Pages the tool added to the kernel's pools and has not given back (hugetlbfs).
+        "grown": [{"node": node, "page_size": size, "pages": pages}
+                  for (node, size), pages in sorted(ctx.ledger.read_grown().items())],
         "struct_page_saved": saved.bytes,
         "struct_page_saved_measured": saved.measured,
         "struct_page_saved_how": saved.how,
@@ -87,6 +90,9 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no domain holds reserved memory")
     lines.append("")
+    for grown in status["grown"]:
+        lines.append(f"node {grown['node']}: {grown['pages']} pages of {format_page_size(grown['page_size'])} "
+                     "added to the pool by dmem-libvirt")
     how = "measured" if status["struct_page_saved_measured"] else "computed"
     lines.append(f"struct page memory saved: {format_size(status['struct_page_saved'])} "
                  f"({how}: {status['struct_page_saved_how']})")
@@ -103,6 +109,11 @@ def reconcile(ctx: HookContext) -> list[str]:
                 book.add(entry)
                 done.append(f"adopted {entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})")
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
+        before = dict(book.grown)
+        # Pages a backend added to the kernel's pools that were still in use at their guest's release.
+        ctx.backend.give_back(ctx, book, [])
+        done.extend(f"gave back {pages - book.grown.get(key, 0)} pages of {format_page_size(key[1])} on node "
+                    f"{key[0]}" for key, pages in sorted(before.items()) if pages != book.grown.get(key, 0))
     return done
 
 
