@@ -78,18 +78,27 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
         return False
 
 
-def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata) -> int:
-    """The host's page size, after checking that the domain was defined for this backend and size."""
+def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata, *, arriving: str | None = None) -> int:
+    """The host's page size, after checking that the domain was defined for this backend and size.
+
+    ``arriving`` ("migrate", "restore"): the guest comes from another host, so the remedy is another
+    destination, not a new definition (its RAM and its source's definition are laid out for that size).
+    """
     if meta.backend != ctx.backend.name:
-        raise DmemError(
-            f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
-            f"run 'dmem-libvirt enable {name}' again", name)
+        raise DmemError(f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
+                        f"{_remedy(name, meta, arriving)}", name)
     page_size = ctx.backend.page_size()
     if meta.page_size != page_size:
-        raise DmemError(
-            f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
-            f"{format_page_size(page_size)} pages; run 'dmem-libvirt enable {name}' again", name)
+        raise DmemError(f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
+                        f"{format_page_size(page_size)} pages; {_remedy(name, meta, arriving)}", name)
     return page_size
+
+
+def _remedy(name: str, meta: DmemMetadata, arriving: str | None) -> str:
+    if arriving is None:
+        return f"run 'dmem-libvirt enable {name}' again"
+    where = "to" if arriving == "migrate" else "on"
+    return f"{arriving} it {where} a host with {format_page_size(meta.page_size)} {meta.backend} pages"
 
 
 def _uuid(dom: DomainMemory, name: str) -> str:
@@ -498,7 +507,7 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
     if dom.metadata is None:
         return None
     uuid = _uuid(dom, name)
-    page_size = check_metadata(ctx, name, dom.metadata)
+    page_size = check_metadata(ctx, name, dom.metadata, arriving=origin)
     current = _recorded_placement(dom)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)

@@ -525,6 +525,16 @@ def test_incoming_guest_too_big_for_this_host_is_refused_without_booking(rig: Ri
     assert summary(rig.reservations()) == before
 
 
+
+@pytest.mark.parametrize(("operation", "remedy"), [("migrate", "migrate it to"), ("restore", "restore it on")])
+def test_incoming_guest_laid_out_for_another_page_size_is_refused_with_where_it_can_go(
+        rig: Rig, operation: str, remedy: str) -> None:
+    xml = define.plan(guest_xml(WEB, [16 * MiB]), page_size=4096, rooms=None, nodes=[0]).rewritten
+    assert rig.call(WEB, operation, "begin", xml) == Call(
+        1, "", f"dmem-libvirt: web01: defined for 4 KiB pages but host dmemfs uses 2 MiB pages; "
+               f"{remedy} a host with 4 KiB dmemfs pages\n")
+    assert rig.reservations() == []
+
 # ---- orphans --------------------------------------------------------------------------------------------
 
 
