@@ -293,10 +293,6 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         mine = book.for_uuid(uuid)
-        if mine and _adoptable(mine, dom, wanted):
-            book.replace_uuid(uuid, [replace(e, origin=f"{e.origin}+prepare") for e in mine])
-            _log_reservations("adopt", mine)
-            return
         if mine:
             _drop(ctx, book, mine, "stale-dropped")
         placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
@@ -304,13 +300,6 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         for entry in entries:
             book.add(entry)
     _log_reservations("admit", entries)
-
-
-def _adoptable(mine: list[Reservation], dom: DomainMemory, wanted: dict[int, int]) -> bool:
-    """A reservation that migrate/restore made for this very layout is taken over, not doubled."""
-    expected = {(placed.file, wanted[placed.cell], placed.size) for placed in backing_files(dom)}
-    return (all(e.state == "reserved" and e.origin in ("migrate", "restore") for e in mine)
-            and {(e.file, e.node, e.bytes) for e in mine} == expected)
 
 
 def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) -> None:
@@ -499,7 +488,13 @@ def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None
 
 
 def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | None:
-    """``migrate begin`` / ``restore begin``: place on this host, reserve, return changed XML or None."""
+    """``migrate begin`` / ``restore begin``: place on this host; return the changed XML or None.
+
+    Nothing is booked here: libvirt may still turn the guest away after this hook without running any
+    other (a domain of that name defined here with another UUID, measured), and a reservation made now
+    would outlive it.  ``prepare begin`` follows at once and books this placement under the lock, or
+    refuses if another guest took the room in between.
+    """
     from .domxml import parse, retarget, serialize
 
     tree = parse(xml)
@@ -511,14 +506,9 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
     current = _recorded_placement(dom)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
-        mine = book.for_uuid(uuid)
-        if mine:
-            _drop(ctx, book, mine, "stale-dropped")
         try:
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
         except PlacementError:
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
-        for entry in _new_reservations(ctx, name, uuid, dom, placement, origin):
-            book.add(entry)
     log.event(origin, name, placement=placement)
     return serialize(tree) if retarget(tree, placement) else None
