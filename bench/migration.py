@@ -21,10 +21,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2e_cycle import LIBVIRTD_LOG, hook_latencies, log_hook_commands
+# Variant.times here: (wall seconds, downtime seconds) per timed migration.
+from e2e_cycle import LIBVIRTD_LOG, Variant, hook_latencies, log_hook_commands
 
 from dmem_libvirt.units import MiB, format_size, parse_size
 
@@ -36,21 +36,9 @@ SOURCE_OPS = ("stopped end", "release end")
 DOWNTIME = re.compile(r"^Total downtime:\s+(\d+)\s+ms", re.M)
 
 
-@dataclass
-class Variant:
-    label: str
-    domain: str
-    hook: bool
-    memory: int
-    # (wall seconds, downtime seconds) per timed migration
-    times: list[tuple[float, float]] = field(default_factory=list)
-
-    def median(self, pick: Callable[[tuple[float, float]], float]) -> float:
-        return statistics.median(pick(t) for t in self.times)
-
-    def spread(self, pick: Callable[[tuple[float, float]], float], digits: int = 2) -> str:
-        values = sorted(pick(t) for t in self.times)
-        return f"{values[0]:.{digits}f}-{values[-1]:.{digits}f}"
+def spread(variant: Variant, pick: Callable[[tuple[float, float]], float], digits: int = 2) -> str:
+    values = sorted(pick(t) for t in variant.times)
+    return f"{values[0]:.{digits}f}-{values[-1]:.{digits}f}"
 
 
 def migrate(source: Sandbox, destination: Sandbox, domain: str) -> tuple[float, float]:
@@ -102,8 +90,8 @@ def report(runs: list[Variant], latencies: dict[tuple[str, str], list[float]], r
                 ratio = (f"{variant.median(lambda t: t[0]) / bare.median(lambda t: t[0]):.2f}x, "
                          f"{variant.median(lambda t: t[1]) / max(bare.median(lambda t: t[1]), 1e-3):.2f}x")
             print(f"{variant.label:<30} {variant.median(lambda t: t[0]):6.2f}s "
-                  f"({variant.spread(lambda t: t[0]):>8}) {variant.median(lambda t: t[1]) * 1000:6.0f}ms "
-                  f"({variant.spread(lambda t: t[1] * 1000, 0):>8})  {ratio:>25}")
+                  f"({spread(variant, lambda t: t[0]):>8}) {variant.median(lambda t: t[1]) * 1000:6.0f}ms "
+                  f"({spread(variant, lambda t: t[1] * 1000, 0):>8})  {ratio:>25}")
     print("\nhook calls with the hook installed (libvirtd's log, ms resolution); median ms per call:")
     ops = (*DESTINATION_OPS, *SOURCE_OPS)
     print(f"{'guest':<12} " + " ".join(f"{op:>14}" for op in ops) + f" {'destination':>12} {'source':>8}")
