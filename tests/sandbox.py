@@ -93,6 +93,8 @@ class SandboxState:
     mntns: str
     owner: int | None
     owner_start: int | None
+    # The holder's start time: the namespace's identity once the holder is gone is nothing we can check.
+    holder_start: int | None = None
 
     def dump(self) -> str:
         return json.dumps(self.__dict__, indent=1) + "\n"
@@ -101,7 +103,8 @@ class SandboxState:
     def load(cls, path: Path) -> SandboxState | None:
         try:
             raw = json.loads(path.read_text())
-            return cls(int(raw["holder"]), str(raw["mntns"]), raw["owner"], raw["owner_start"])
+            return cls(int(raw["holder"]), str(raw["mntns"]), raw["owner"], raw["owner_start"],
+                       raw.get("holder_start"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -326,7 +329,7 @@ class Sandbox:
             time.sleep(0.01)
         owner = None if self.detached else os.getpid()
         owner_start = None if owner is None else procmaps.start_ticks(self.host.proc, owner)
-        self._state = SandboxState(pid, ns, owner, owner_start)
+        self._state = SandboxState(pid, ns, owner, owner_start, procmaps.start_ticks(self.host.proc, pid))
         (self.root / STATE_FILE).write_text(self._state.dump())
 
     def _mount(self) -> None:
@@ -553,6 +556,13 @@ def _namespace_members(mntns: str, proc: Path) -> list[int]:
     return members
 
 
+def _in_namespace(pid: int, mntns: str, proc: Path) -> bool:
+    try:
+        return os.readlink(proc / str(pid) / "ns" / "mnt") == mntns
+    except OSError:
+        return False
+
+
 def _terminate(pids: Sequence[int], proc: Path, timeout: float) -> None:
     """SIGTERM, wait up to ``timeout``, then SIGKILL whatever is left, and wait for it to go."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
@@ -566,18 +576,26 @@ def _terminate(pids: Sequence[int], proc: Path, timeout: float) -> None:
 
 
 def teardown(root: Path, state: SandboxState, host: HostConfig) -> None:
-    """Stop the daemons, then any QEMU, then every other process of the namespace (the holder last)."""
+    """Stop the daemons, then any QEMU, then every other process of the namespace (the holder last).
+
+    Without its holder, a sandbox's namespace is identified by its inode number only, which the kernel
+    reuses once the namespace is gone: then only the processes of this root's pid files are stopped, never
+    "every process of that namespace", which may by then be another, running sandbox's.
+    """
     run = root / "run" / "libvirt"
     daemons = [pid for pid in (_pid_from(run / "libvirtd.pid", host.proc, "libvirtd"),
                                _pid_from(run / "virtlogd.pid", host.proc, "virtlogd")) if pid is not None]
-    _terminate(daemons, host.proc, STOP_TIMEOUT)
     qemus = []
     for pid_file in (run / "qemu").glob("*.pid"):
         with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().strip())
-            if os.readlink(host.proc / str(pid) / "ns" / "mnt") == state.mntns:
-                qemus.append(pid)
-    _terminate(qemus, host.proc, STOP_TIMEOUT)
+            qemus.append(int(pid_file.read_text().strip()))
+    for pids in (daemons, qemus):
+        _terminate([pid for pid in pids if _in_namespace(pid, state.mntns, host.proc)], host.proc, STOP_TIMEOUT)
+    holder_alive = (state.holder_start is not None and procmaps.alive(host.proc, state.holder)
+                    and procmaps.start_ticks(host.proc, state.holder) == state.holder_start
+                    and _in_namespace(state.holder, state.mntns, host.proc))
+    if not holder_alive:
+        return
     others = [pid for pid in _namespace_members(state.mntns, host.proc) if pid != state.holder]
     _terminate(others, host.proc, STOP_TIMEOUT)
     _terminate([pid for pid in (state.holder,) if pid in _namespace_members(state.mntns, host.proc)],
