@@ -79,19 +79,28 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
         return False
 
 
-def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata) -> int:
-    """The host's page size, after checking that the domain was defined for this backend and size."""
+def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata, *, arriving: str | None = None) -> int:
+    """The host's page size, after checking that the domain was defined for this backend and size.
+
+    ``arriving`` ("migrate", "restore"): the guest comes from another host, so the remedy is another
+    destination, not a new definition (its RAM and its source's definition are laid out for that size).
+    """
     if meta.backend != ctx.backend.name:
-        raise DmemError(
-            f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
-            f"run 'dmem-libvirt enable {name}' again", name)
+        raise DmemError(f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
+                        f"{_remedy(name, meta, arriving)}", name)
     sizes = ctx.backend.page_sizes()
     if meta.page_size not in sizes:
         used = " or ".join(format_page_size(size) for size in sizes)
-        raise DmemError(
-            f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
-            f"{used} pages; run 'dmem-libvirt enable {name}' again", name)
+        raise DmemError(f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
+                        f"{used} pages; {_remedy(name, meta, arriving)}", name)
     return meta.page_size
+
+
+def _remedy(name: str, meta: DmemMetadata, arriving: str | None) -> str:
+    if arriving is None:
+        return f"run 'dmem-libvirt enable {name}' again"
+    where = "to" if arriving == "migrate" else "on"
+    return f"{arriving} it {where} a host with {format_page_size(meta.page_size)} {meta.backend} pages"
 
 
 def _uuid(dom: DomainMemory, name: str) -> str:
@@ -315,10 +324,6 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         mine = book.for_uuid(uuid)
-        if mine and _adoptable(mine, dom, wanted):
-            book.replace_uuid(uuid, [replace(e, origin=f"{e.origin}+prepare") for e in mine])
-            _log_reservations("adopt", mine)
-            return
         if mine:
             _refuse_still_mapped(name, _drop(ctx, book, mine, "stale-dropped"))
         placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
@@ -332,13 +337,6 @@ def _refuse_still_mapped(name: str, kept: list[Reservation]) -> None:
         raise PinError(f"{kept[0].path} of this guest's last run is still mapped by a process; "
                        f"its {format_size(kept[0].bytes)} on host node {kept[0].node} stay booked until it exits",
                        name)
-
-
-def _adoptable(mine: list[Reservation], dom: DomainMemory, wanted: dict[int, int]) -> bool:
-    """A reservation that migrate/restore made for this very layout is taken over, not doubled."""
-    expected = {(placed.file, wanted[placed.cell], placed.size) for placed in backing_files(dom)}
-    return (all(e.state == "reserved" and e.origin in ("migrate", "restore") for e in mine)
-            and {(e.file, e.node, e.bytes) for e in mine} == expected)
 
 
 def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) -> None:
@@ -561,7 +559,13 @@ def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None
 
 
 def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | None:
-    """``migrate begin`` / ``restore begin``: place on this host, reserve, return changed XML or None."""
+    """``migrate begin`` / ``restore begin``: place on this host; return the changed XML or None.
+
+    Nothing is booked here: libvirt may still turn the guest away after this hook without running any
+    other (a domain of that name defined here with another UUID, measured), and a reservation made now
+    would outlive it.  ``prepare begin`` follows at once and books this placement under the lock, or
+    refuses if another guest took the room in between.
+    """
     from .domxml import parse, retarget, serialize
 
     tree = parse(xml)
@@ -569,17 +573,13 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
     if dom.metadata is None:
         return None
     uuid = _uuid(dom, name)
-    page_size = check_metadata(ctx, name, dom.metadata)
+    page_size = check_metadata(ctx, name, dom.metadata, arriving=origin)
     current = _recorded_placement(dom)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
-        mine = book.for_uuid(uuid)
-        if mine:
-            _drop(ctx, book, mine, "stale-dropped")
         try:
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
         except PlacementError:
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
-        _book(ctx, book, name, _new_reservations(ctx, name, uuid, dom, placement, origin))
     log.event(origin, name, placement=placement)
     return serialize(tree) if retarget(tree, placement) else None
