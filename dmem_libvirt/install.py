@@ -29,14 +29,15 @@ def hook_path(hooks_dir: Path) -> Path:
 
 
 def hook_template() -> str:
-    """The hook script shipped with the package (source tree, or installed data files)."""
-    package_root = Path(__file__).resolve().parent.parent
-    for candidate in (package_root / "hooks" / HOOK_NAME,
-                      Path(sys.prefix) / "share" / "dmem-libvirt" / "hooks" / HOOK_NAME):
-        if candidate.is_file():
-            return candidate.read_text()
-    raise DmemError(f"the hook script {HOOK_NAME} is missing from this installation "
-                    f"(looked in {package_root / 'hooks'} and {Path(sys.prefix) / 'share/dmem-libvirt/hooks'})")
+    """The hook script shipped inside the package, wherever pip or a package manager put it."""
+    from importlib import resources
+
+    template = resources.files(__package__).joinpath("hooks", HOOK_NAME)
+    try:
+        return template.read_text()
+    except OSError as err:
+        raise DmemError(f"the hook script {HOOK_NAME} is missing from this installation ({template}: "
+                        f"{err.strerror}); reinstall dmem-libvirt") from None
 
 
 def render_hook(template: str, python: str, paths: list[str]) -> str:
