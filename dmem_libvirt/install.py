@@ -2,7 +2,8 @@
 
 libvirt looks for hooks only at daemon start or SIGHUP (measured), so installing or removing the hook
 reloads the QEMU driver's daemon — the one whose pid is in ``<run_dir>/driver.pid``, never another
-daemon of the machine — or fails naming the exact command to run.  A hook file we did not write is
+daemon of the machine — when one runs (else libvirt reads the hook when it starts), or fails naming the
+exact command to run.  A hook file we did not write is
 never touched.
 """
 
@@ -100,13 +101,14 @@ def daemon_name(run_dir: Path) -> str:
 def reload_daemon(run_dir: Path, proc: Path, state_dir: Path) -> str:
     """SIGHUP the QEMU driver's daemon so it rescans hooks; a message for the user.
 
-    Raises DmemError naming the command to run when there is no daemon to signal or it cannot be signalled.
+    No running daemon is not an error: provisioning installs the hook before services start, and libvirt
+    reads its hooks when it starts.  Raises DmemError naming the command to run when the daemon cannot be
+    signalled.
     """
     daemon = find_daemon(run_dir, proc)
     if not isinstance(daemon, Daemon):
-        # systemctl starts a stopped unit here and reloads a running one the pid file did not lead to.
-        raise DmemError(f"no running libvirtd or virtqemud to reload: {daemon}; libvirt runs the hook only "
-                        f"after a reload or restart: systemctl reload-or-restart {daemon_name(run_dir)}")
+        return (f"no libvirtd or virtqemud is running ({daemon}); libvirt reads its hooks when "
+                f"{daemon_name(run_dir)} starts")
     try:
         os.kill(daemon.pid, signal.SIGHUP)
     except OSError as err:

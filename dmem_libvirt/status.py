@@ -15,7 +15,8 @@ from typing import Any
 from . import install, procmaps
 from .errors import DmemError
 from .host import fs_magic
-from .lifecycle import HookContext, backing_dir_on_backend, collect_orphans, rebuild_from_running
+from .ledger import Reservation
+from .lifecycle import HookContext, backing_dir_on_backend, collect_orphans, find_orphans, rebuild_from_running
 from .units import GiB, format_page_size, format_size
 
 # A 64-byte struct page for every 4 KiB page: what reserved memory without struct page saves.
@@ -85,17 +86,27 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def reconcile(ctx: HookContext) -> list[str]:
-    """Adopt running guests the ledger lost, free what no live guest owns; what was done, one per line."""
+def reconcile(ctx: HookContext, *, dry_run: bool = False) -> list[str]:
+    """Adopt running guests the ledger lost, free what no live guest owns; what was (or would be) done."""
+    if dry_run:
+        held = ctx.ledger.read()
+        known = {entry.uuid for entry in held}
+        return [*(f"would adopt {_adopted(entry)}: it runs with dmem-libvirt metadata but the ledger lacks it"
+                  for entry in rebuild_from_running(ctx) if entry.uuid not in known),
+                *(f"would free {orphan.what}: {orphan.why}" for orphan in find_orphans(ctx, held))]
     done: list[str] = []
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         known = {entry.uuid for entry in book.reservations}
         for entry in rebuild_from_running(ctx):
             if entry.uuid not in known:
                 book.add(entry)
-                done.append(f"adopted {entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})")
+                done.append(f"adopted {_adopted(entry)}")
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
     return done
+
+
+def _adopted(entry: Reservation) -> str:
+    return f"{entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})"
 
 
 @dataclass(frozen=True)

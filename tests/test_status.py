@@ -121,6 +121,27 @@ def test_reconcile_frees_old_reservations_of_dead_guests_and_keeps_live_and_youn
     assert held(host) == [("alive", 1, 2 * GiB, "reserved"), ("starting", 1, 512 * MiB, "reserved")]
 
 
+def test_reconcile_dry_run_says_what_it_would_free_and_why_and_changes_nothing(tmp_path: Path) -> None:
+    config = make_host(tmp_path / "host", nodes=2, emulate=True)
+    directory = config.dmemfs.mount / "libvirt" / "qemu" / "5-gone"
+    directory.mkdir(parents=True)
+    ram = directory / "pc.ram"
+    ram.write_bytes(b"\0" * 4096)
+    os.utime(directory, (time.time() - HOUR, time.time() - HOUR))
+    set_free(config, 0, free_pages(config, 0) - 512)
+    book(config, reservation("gone", UUID_A, 0, GiB, state="pinned", created=time.time() - HOUR, path=ram,
+                            pid=999999))
+    code, out, err = dmem(config, "reconcile", "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "would free gone (1.0 GiB on node 0): QEMU pid 999999 is gone, libvirt runs no such guest, "
+        "nothing maps its files; reserved 3600 s ago",
+        f"would free {directory} (4.0 KiB): no running guest has this memory directory and nothing maps its files"]
+    assert ram.exists()
+    assert free_pages(config, 0) == 4096 - 512
+    assert held(config) == [("gone", 0, GiB, "pinned")]
+
+
 def test_reconcile_never_frees_within_the_grace_period(host: Config) -> None:
     now = time.time()
     book(host, reservation("dead", UUID_A, 0, GiB, created=now - 200))
