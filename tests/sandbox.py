@@ -140,6 +140,8 @@ class Sandbox:
         """Run ``argv`` in the namespace; with ``check`` a failure raises SandboxError with its stderr."""
         env = dict(os.environ)
         env["LIBVIRT_DEFAULT_URI"] = INSIDE_URI
+        # `python tests/sandbox.py run dmem-libvirt status` finds the venv's commands without an absolute path.
+        env["PATH"] = os.pathsep.join([str(dmem_command().parent), env.get("PATH", os.defpath)])
         # The product must read the private default config, as the hook does.
         env.pop("DMEM_LIBVIRT_CONFIG", None)
         command = ["nsenter", f"--target={self.holder}", "--mount", "--", *map(str, argv)]
