@@ -78,6 +78,8 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "disable": ("restore a domain's original memory definition", "dmem-libvirt disable web01"),
     "status": ("show the pools per host node, the reservations and the domains holding them",
                "dmem-libvirt status --json"),
+    "metrics": ("write pools, reservations and hook counters in Prometheus text format",
+                "dmem-libvirt metrics --textfile /var/lib/prometheus/node-exporter/dmem_libvirt.prom"),
     "install-hook": ("install the libvirt hook and reload the daemon that runs the QEMU driver",
                      "dmem-libvirt install-hook"),
     "uninstall-hook": ("remove the libvirt hook and reload the daemon that runs the QEMU driver",
@@ -128,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "disable":
             placement(p)
     command("status").add_argument("--json", action="store_true", help="machine-readable output")
+    command("metrics").add_argument(
+        "--textfile", type=Path, metavar="FILE",
+        help="replace FILE atomically (node_exporter's textfile collector reads *.prom); default: stdout")
     for name in ("install-hook", "uninstall-hook"):
         command(name).add_argument(
             "--hooks-dir", type=Path, metavar="DIR",
@@ -296,6 +301,17 @@ def cmd_status(args: argparse.Namespace, config: config_mod.Config, conn: Connec
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import metrics, status
+
+    text = metrics.render(status.collect(_context(config)))
+    if args.textfile is None:
+        io.stdout.write(text)
+    else:
+        metrics.write_textfile(args.textfile, text)
+    return 0
+
+
 def cmd_install_hook(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
                      io: Streams) -> int:
     from . import install
@@ -342,6 +358,7 @@ COMMANDS = {
     "enable": cmd_enable,
     "disable": cmd_disable,
     "status": cmd_status,
+    "metrics": cmd_metrics,
     "install-hook": cmd_install_hook,
     "uninstall-hook": cmd_install_hook,
     "reconcile": cmd_reconcile,

@@ -59,6 +59,15 @@ class HookContext:
     def rebuild(self) -> list[Reservation]:
         return rebuild_from_running(self)
 
+    def count(self, family: str, label: str) -> None:
+        """Count one event since boot (counters.py); a counter that cannot be written never fails a guest."""
+        from . import counters
+
+        try:
+            counters.add(self.config.state.dir, self.ledger.boot_id, family, label)
+        except DmemError as err:
+            log.warning(f"cannot count {family} {label}: {err.message}")
+
 
 # ---- checks shared by several operations -------------------------------------------------------
 
@@ -335,6 +344,7 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         for entry in entries:
             book.add(entry)
     _log_reservations("admit", entries)
+    ctx.count("admissions", "prepare")
 
 
 def _adoptable(mine: list[Reservation], dom: DomainMemory, wanted: dict[int, int]) -> bool:
@@ -374,6 +384,7 @@ def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
             mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
             for entry in mine:
                 book.add(entry)
+            ctx.count("admissions", "start")
     owner = directory.stat()
     threads = ctx.config.pin.threads
     pinned: list[Reservation] = []
@@ -552,4 +563,5 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
         for entry in _new_reservations(ctx, name, uuid, dom, placement, origin):
             book.add(entry)
     log.event(origin, name, placement=placement)
+    ctx.count("admissions", origin)
     return serialize(tree) if retarget(tree, placement) else None

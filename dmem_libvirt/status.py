@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from . import install, procmaps
+from . import counters, install, procmaps
 from .errors import DmemError
 from .host import fs_magic
 from .ledger import Reservation
@@ -59,6 +59,7 @@ def collect(ctx: HookContext) -> dict[str, Any]:
         ],
         "domains": sorted(domains.values(), key=lambda d: d["name"]),
         "struct_page_saved": total // BASE_PAGE * STRUCT_PAGE_BYTES,
+        "counters": counters.read(ctx.config.state.dir, ctx.ledger.boot_id),
     }
 
 
@@ -81,6 +82,11 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no domain holds reserved memory")
     lines.append("")
+    counts = status["counters"]
+    refused = {reason: n for reason, n in counts["refusals"].items() if n}
+    lines.append(f"since boot: {sum(counts['admissions'].values())} admitted, {sum(refused.values())} refused"
+                 + (f" ({', '.join(f'{reason} {n}' for reason, n in refused.items())})" if refused else "")
+                 + f", {sum(counts['hook_failures'].values())} hook failures")
     lines.append(f"struct page memory saved: {format_size(status['struct_page_saved'])} "
                  f"({STRUCT_PAGE_BYTES} B per {BASE_PAGE // 1024} KiB page of the pools)")
     return "\n".join(lines)

@@ -549,7 +549,7 @@ def test_version_prints_the_package_version() -> None:
     assert run(["--version"]) == Result(0, f"dmem-libvirt {__version__}\n", "")
 
 
-@pytest.mark.parametrize("name", ["rewrite", "status", "install-hook", "uninstall-hook", "reconcile",
+@pytest.mark.parametrize("name", ["rewrite", "status", "metrics", "install-hook", "uninstall-hook", "reconcile",
                                   "check"])
 def test_commands_that_never_connect_to_libvirt_take_no_uri(name: str) -> None:
     result = run([name, "-c", "qemu:///system"])
