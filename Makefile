@@ -7,8 +7,9 @@ PYTHON  ?= /usr/bin/python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 # The sandbox's libvirtd + QEMU (util-linux: unshare, nsenter), and what libvirt-python compiles against.
+# python3-pip: the tests install the wheel into Debian's python; groff-base: they format the man page.
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libxml2-utils \
-                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc
+                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc python3-pip groff-base
 
 # What `make deb` builds with, and what the package depends on (its test installs it).
 DEB_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \

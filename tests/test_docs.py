@@ -67,3 +67,10 @@ def test_every_option_the_readme_gives_a_command_exists() -> None:
         known = {flag for action in parsers[name]._actions for flag in action.option_strings}
         for flag in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", options):
             assert flag in known, f"README: dmem-libvirt {name} {flag}"
+
+
+def test_the_debian_package_version_is_the_programs() -> None:
+    from dmem_libvirt import __version__
+
+    first = (REPO / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"dmem-libvirt ({__version__}) ")

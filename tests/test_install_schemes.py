@@ -9,6 +9,7 @@ import ast
 import os
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,3 +139,15 @@ def test_install_hook_works_wherever_pip_put_the_library(wheel: Path, tmp_path: 
              "; import dmem_libvirt.hook; print(dmem_libvirt.hook.__file__)")
     found = run([installed.python, "-IS", "-c", probe], env=LIBVIRT_ENV, cwd="/")
     assert Path(found.stdout.strip()).is_relative_to(tmp_path)
+
+
+def test_the_wheel_holds_the_product_only(wheel: Path) -> None:
+    """No test harness in what a production host installs: nothing that runs apt-get, useradd or mknod."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        sources = {name: archive.read(name).decode() for name in names if name.endswith(".py")}
+    assert "dmem_libvirt/hooks/50-dmem-libvirt" in names
+    assert all(name.startswith(("dmem_libvirt/", "dmem_libvirt-")) for name in names), names
+    for name, text in sources.items():
+        for word in ("apt-get", "useradd", "mknod", "unshare"):
+            assert word not in text, f"{name} mentions {word}"
