@@ -378,13 +378,15 @@ def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
     directory = _domain_dir(ctx, name, dom_id)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(uuid)
-        if not mine:
+        admitted = not mine
+        if admitted:
             # prepare did not run for this start (e.g. the hook was installed in between): admit now.
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=_recorded_placement(dom))
             mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
             for entry in mine:
                 book.add(entry)
-            ctx.count("admissions", "start")
+    if admitted:
+        ctx.count("admissions", "start")
     owner = directory.stat()
     threads = ctx.config.pin.threads
     pinned: list[Reservation] = []

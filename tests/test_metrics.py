@@ -114,6 +114,15 @@ def test_a_hook_call_that_fails_where_it_must_not_is_counted(rig: Rig, mocker: M
     assert samples[("dmem_libvirt_hook_failures_total", (("operation", "release"),))] == 2
 
 
+def test_a_start_that_prepare_did_not_admit_counts_as_admitted_at_start(rig: Rig) -> None:
+    xml = live(enabled(guest_xml("web01", [16 * MiB]), [0]), 3)
+    rig.domain_dir("web01", 3)
+    assert rig.call("web01", "start", "begin", xml) == Call(0, "", "")
+    _, samples, _ = scrape(rig)
+    assert samples[("dmem_libvirt_admissions_total", (("operation", "start"),))] == 1
+    assert samples[("dmem_libvirt_admissions_total", (("operation", "prepare"),))] == 0
+
+
 def test_counters_survive_processes_and_start_again_at_boot(rig: Rig) -> None:
     state = rig.config.state.dir
     counters.add(state, "boot-a", "refusals", "pin")
