@@ -140,8 +140,6 @@ class Sandbox:
         """Run ``argv`` in the namespace; with ``check`` a failure raises SandboxError with its stderr."""
         env = dict(os.environ)
         env["LIBVIRT_DEFAULT_URI"] = INSIDE_URI
-        # `python tests/sandbox.py run dmem-libvirt status` finds the venv's commands without an absolute path.
-        env["PATH"] = os.pathsep.join([str(dmem_command().parent), env.get("PATH", os.defpath)])
         # The product must read the private default config, as the hook does.
         env.pop("DMEM_LIBVIRT_CONFIG", None)
         command = ["nsenter", f"--target={self.holder}", "--mount", "--", *map(str, argv)]
@@ -693,6 +691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SandboxError(f"no sandbox at {args.root}: run `up` first")
         box._state = state
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if command:
+            # `run dmem-libvirt status`: the venv's commands by name, before the machine's.
+            search = os.pathsep.join([str(dmem_command().parent), os.environ.get("PATH", os.defpath)])
+            command = [shutil.which(command[0], path=search) or command[0], *command[1:]]
         result = box.run(command, check=False, timeout=None)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
