@@ -22,7 +22,9 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     # never pick it up.
     temp = path.with_name(f"{temp_prefix(path)}{os.getpid()}")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        # Ours alone: left over only by a killed process that had our pid, never followed if a link.
+        temp.unlink(missing_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             view = memoryview(data)
             while view:
@@ -32,7 +34,7 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         finally:
             os.close(fd)
         os.replace(temp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(dir_fd)
         finally:
