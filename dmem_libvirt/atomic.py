@@ -1,7 +1,9 @@
 """Replacing a file atomically: a reader sees the old content or the new, never a mix or an empty file.
 
-The data goes to a temporary file in the same directory, is fsynced, renamed over the target, and the
-directory is fsynced so the rename survives a power cut.
+The data goes to a temporary file in the same directory and is renamed over the target.  With ``sync``
+(the default) the file and then the directory are fsynced, so the new content survives a power cut; data that
+means nothing after a reboot (counters since boot, a metrics file rewritten every few seconds) skips that:
+a process killed at any point still leaves the old file or the new one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}.tmp-"
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600, sync: bool = True) -> None:
     """Replace ``path`` with ``data``; raises OSError, leaving no temporary file behind."""
     # The temporary name does not end like the target's: readers that glob (node_exporter reads *.prom)
     # never pick it up.
@@ -30,15 +32,17 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.fchmod(fd, mode)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if sync:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError:
         with contextlib.suppress(OSError):
             temp.unlink()

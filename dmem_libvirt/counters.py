@@ -66,6 +66,7 @@ def add(state_dir: Path, boot_id: str, family: str, label: str) -> None:
         counts[family][label] += 1
         document = {"version": VERSION, "boot_id": boot_id, **counts}
         try:
-            write_atomically(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+            # No fsync: counts of this boot mean nothing after a power cut, which starts a new boot.
+            write_atomically(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode(), sync=False)
         except OSError as err:
             raise LedgerError(f"cannot write counters {path}: {err.strerror}") from None

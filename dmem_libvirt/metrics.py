@@ -69,10 +69,11 @@ def render(status: dict[str, Any]) -> str:
 
 
 def write_textfile(path: Path, text: str) -> None:
-    """Replace ``path`` atomically, world-readable (node_exporter runs as its own user)."""
+    """Replace ``path`` atomically, world-readable (node_exporter runs as its own user); rewritten every few
+    seconds, so not worth an fsync."""
     if path.suffix != ".prom":
         raise DmemError(f"textfile {path} must end in .prom: node_exporter's textfile collector reads only *.prom")
     try:
-        write_atomically(path, text.encode(), mode=0o644)
+        write_atomically(path, text.encode(), mode=0o644, sync=False)
     except OSError as err:
         raise DmemError(f"cannot write the metrics to {path}: {err.strerror}") from None
