@@ -107,6 +107,7 @@ def test_the_pinned_guest_shows_as_pinned_and_taken_from_free(busy: Rig) -> None
 
 def test_a_hook_call_that_fails_where_it_must_not_is_counted(rig: Rig, mocker: MockerFixture) -> None:
     xml = live(enabled(guest_xml("web01", [16 * MiB]), [0]), 3)
+    assert rig.call("web01", "prepare", "begin", xml) == Call(0, "", "")
     mocker.patch("dmem_libvirt.lifecycle.release", side_effect=RuntimeError("disk on fire"))
     assert rig.call("web01", "release", "end", xml) == Call(0, "", "")
     assert rig.call("web01", "release", "end", xml) == Call(0, "", "")
