@@ -59,6 +59,15 @@ class HookContext:
     def rebuild(self) -> list[Reservation]:
         return rebuild_from_running(self)
 
+    def count(self, family: str, label: str) -> None:
+        """Count one event since boot (counters.py); a counter that cannot be written never fails a guest."""
+        from . import counters
+
+        try:
+            counters.add(self.config.state.dir, self.ledger.boot_id, family, label)
+        except DmemError as err:
+            log.warning(f"cannot count {family} {label}: {err.message}")
+
 
 # ---- checks shared by several operations -------------------------------------------------------
 
@@ -213,30 +222,58 @@ def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
     return any(entry.path and _mappers(ctx, entry.path) for entry in group)
 
 
-def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = None) -> list[str]:
-    """Free reservations and per-domain directories no live guest owns and older than the grace period."""
+@dataclass(frozen=True)
+class Orphan:
+    """Reservations of one domain, or one per-domain directory, that no live guest owns: what and why."""
+
+    what: str
+    why: str
+    entries: tuple[Reservation, ...] = ()
+    directory: Path | None = None
+
+
+def find_orphans(ctx: HookContext, reservations: Sequence[Reservation], *,
+                 keep_uuid: str | None = None) -> list[Orphan]:
+    """What `collect_orphans` would free, changing nothing."""
     now = ctx.clock()
     grace = ctx.config.state.orphan_grace
-    freed: list[str] = []
+    found: list[Orphan] = []
     groups: dict[str, list[Reservation]] = defaultdict(list)
-    for entry in book.reservations:
+    for entry in reservations:
         groups[entry.uuid].append(entry)
     for uuid, group in sorted(groups.items()):
         if uuid == keep_uuid or any(now - entry.created < grace for entry in group):
             continue
         if _group_alive(ctx, group):
             continue
-        _drop(ctx, book, group, "orphan-freed")
-        freed.append(f"{group[0].domain} ({format_size(sum(e.bytes for e in group))} on "
-                     f"node {', '.join(str(n) for n in sorted({e.node for e in group}))})")
+        pids = sorted({entry.pid for entry in group if entry.pid})
+        qemu = f"QEMU pid {', '.join(map(str, pids))} is gone" if pids else "no QEMU ever recorded"
+        age = now - max(entry.created for entry in group)
+        found.append(Orphan(
+            f"{group[0].domain} ({format_size(sum(e.bytes for e in group))} on "
+            f"node {', '.join(str(n) for n in sorted({e.node for e in group}))})",
+            f"{qemu}, libvirt runs no such guest, nothing maps its files; reserved {age:.0f} s ago",
+            tuple(group)))
     if backing_dir_on_backend(ctx):
-        freed.extend(_collect_orphan_dirs(ctx, now, grace))
+        found.extend(_orphan_dirs(ctx, now, grace))
+    return found
+
+
+def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = None) -> list[str]:
+    """Free reservations and per-domain directories no live guest owns and older than the grace period."""
+    freed: list[str] = []
+    for orphan in find_orphans(ctx, book.reservations, keep_uuid=keep_uuid):
+        if orphan.directory is None:
+            _drop(ctx, book, list(orphan.entries), "orphan-freed")
+            freed.append(orphan.what)
+        elif _remove_orphan_dir(orphan.directory):
+            freed.append(orphan.what)
     return freed
 
 
-def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str]:
+def _orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[Orphan]:
     running = {name[: runtime.SHORT_NAME_MAX] for name in runtime.running_names(ctx.run_dir)}
-    freed = []
+    found = []
     for directory in runtime.all_domain_dirs(ctx.host.memory_backing_dir()):
         if directory.name.partition("-")[2] in running:
             continue
@@ -247,17 +284,29 @@ def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str
             if any(_mappers(ctx, f.path) for f in files):
                 continue
             size = sum(f.stat().st_blocks * 512 for f in files)
-            from .pin import remove_file
-
-            for f in files:
-                remove_file(directory, f.name)
-            directory.rmdir()
         except OSError as err:
-            log.warning(f"cannot collect orphan directory {directory}: {err}")
+            log.warning(f"cannot examine orphan directory {directory}: {err}")
             continue
-        log.event("orphan-dir-freed", None, path=directory, bytes=size)
-        freed.append(f"{directory} ({format_size(size)})")
-    return freed
+        found.append(Orphan(f"{directory} ({format_size(size)})",
+                            "no running guest has this memory directory and nothing maps its files",
+                            directory=directory))
+    return found
+
+
+def _remove_orphan_dir(directory: Path) -> bool:
+    from .pin import remove_file
+
+    try:
+        files = [f for f in os.scandir(directory) if f.is_file(follow_symlinks=False)]
+        size = sum(f.stat().st_blocks * 512 for f in files)
+        for f in files:
+            remove_file(directory, f.name)
+        directory.rmdir()
+    except OSError as err:
+        log.warning(f"cannot collect orphan directory {directory}: {err}")
+        return False
+    log.event("orphan-dir-freed", None, path=directory, bytes=size)
+    return True
 
 
 def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
@@ -330,6 +379,7 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
         _book(ctx, book, name, entries)
     _log_reservations("admit", entries)
+    ctx.count("admissions", "prepare")
 
 
 def _refuse_still_mapped(name: str, kept: list[Reservation]) -> None:
@@ -359,11 +409,14 @@ def reservations_at_start(ctx: HookContext, name: str, dom: DomainMemory, uuid: 
     page_size = check_metadata(ctx, name, dom.metadata)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(uuid)
-        if not mine:
+        admitted = not mine
+        if admitted:
             # prepare did not run for this start (e.g. the hook was installed in between): admit now.
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=_recorded_placement(dom))
             mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
             _book(ctx, book, name, mine)
+    if admitted:
+        ctx.count("admissions", "start")
     return mine
 
 

@@ -357,7 +357,7 @@ class Sandbox:
             self._write_configs()
             self.run([VIRTLOGD, "-d", "-p", "/run/libvirt/virtlogd.pid"])
             self._start_libvirtd()
-            # As an administrator would: install-hook reloads the running daemon (and fails without one).
+            # As an administrator would: install-hook reloads the running daemon.
             if self.hook:
                 self.install_hook()
         except BaseException:
@@ -860,6 +860,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SandboxError(f"no sandbox at {args.root}: run `up` first")
         box._state = state
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if command:
+            # `run dmem-libvirt status`: the venv's commands by name, before the machine's.
+            search = os.pathsep.join([str(dmem_command().parent), os.environ.get("PATH", os.defpath)])
+            command = [shutil.which(command[0], path=search) or command[0], *command[1:]]
         result = box.run(command, check=False, timeout=None)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
