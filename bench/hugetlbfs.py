@@ -30,7 +30,7 @@ from dmem_libvirt.units import GiB, MiB, format_size, parse_size
 
 # The sandbox is a test harness, kept beside the tests rather than in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hostpools import HVO, PAGE, HostPools, pool, pool_dir, set_pool
+from hostpools import HVO, PAGE, HostPools, exclusive, pool, pool_dir, set_pool
 
 from sandbox import Sandbox, SandboxError, guest_xml
 
@@ -172,6 +172,11 @@ def main() -> int:
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     parts = set(args.parts.split(","))
+    with exclusive():
+        return run(args, sizes, parts)
+
+
+def run(args: argparse.Namespace, sizes: list[int], parts: set[str]) -> int:
     before = HostPools.take()
     base = pool()[0]
     table: list[tuple[int, list[Variant]]] = []
