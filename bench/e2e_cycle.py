@@ -200,8 +200,6 @@ def spread(values: list[float]) -> str:
 
 
 def ratio(hooked: Variant, bare: Variant, pick: str) -> str:
-    if hooked is bare:
-        return "baseline"
     if not (hooked.cycles and bare.cycles):
         return "-"
     mine = statistics.median(getattr(c, pick) for c in hooked.cycles)
@@ -226,7 +224,8 @@ def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, 
                      spread([c.total for c in cs]), spread([c.qemu_exit for c in cs]),
                      spread([c.libvirt_stop for c in cs if c.libvirt_stop is not None]),
                      spread([c.stopped_hook for c in cs if c.stopped_hook is not None])]
-            ratios = f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}"
+            ratios = ("baseline" if variant is bare
+                      else f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}")
             print(f"{variant.label:<34} " + " ".join(cells) + f"   {ratios}")
     print("\nhook calls as libvirtd ran them (process start to exit), ms, median [min-max]:")
     print(f"{'variant':<34} " + " ".join(f"{op:>17}" for op in HOOK_CALLS) + f" {'sum':>17}")
