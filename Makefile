@@ -1,6 +1,6 @@
 # ./dev demo (or make demo)  - a guest on emulated dmemfs in a private libvirtd sandbox, then a refusal, then cleanup
 # ./dev test (or make test)  - bootstrap, lint, then the whole test suite (end-to-end included); as root on Debian 12
-# make unit / make e2e / make lint / make bootstrap - the parts
+# make unit / make e2e / make lint / make bootstrap - the parts; make model - 10,000 randomized lifecycle steps
 
 PYTHON  ?= /usr/bin/python3
 VENV    := .venv
@@ -9,7 +9,7 @@ BIN     := $(VENV)/bin
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libxml2-utils \
                 util-linux python3-venv python3-dev libvirt-dev pkg-config gcc
 
-.PHONY: bootstrap apt unit e2e lint test demo
+.PHONY: bootstrap apt unit e2e lint test demo model
 
 bootstrap: apt $(VENV)/.installed
 
@@ -45,3 +45,7 @@ test: bootstrap
 
 demo: bootstrap
 	$(BIN)/python tests/sandbox.py demo
+
+# The randomized lifecycle model, long (CI runs 1,000 steps of it in the unit tests).
+model: $(VENV)/.installed
+	$(BIN)/python bench/model.py --steps 10000

@@ -419,7 +419,9 @@ class Ledger:
                         book.reservations.append(entry)
                         added += 1
             elif found is None:
-                book = Book()
+                # Deleted (or never written): the running guests' bookings are still true.
+                book = Book(list(rebuild()) if rebuild is not None else [])
+                reset = bool(book.reservations)
             elif found.boot_id != self.boot_id:
                 log.event("boot-changed", dropped=len(found.reservations))
                 book, reset = Book(), True
