@@ -36,7 +36,7 @@ ORIGINS = frozenset({"prepare", "start", "migrate", "restore", "reconnect", "reb
 _FILE_NAME = "ledger.json"
 _LOCK_NAME = "lock"
 _TEMP_PREFIX = f".{_FILE_NAME}.tmp-"
-_ENVELOPE = ("version", "boot_id", "written", "reservations")
+_ENVELOPE = ("version", "boot_id", "written", "reservations", "grown")
 
 
 class LedgerCorrupt(LedgerError):
@@ -159,6 +159,21 @@ class Book:
 
     reservations: list[Reservation] = field(default_factory=list)
     changed: bool = False
+    # (host node, page size) -> pages the tool added to that kernel pool and has not given back yet.
+    grown: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Entries the transaction took from running guests because the file had lost them.
+    recovered: list[Reservation] = field(default_factory=list)
+
+    def set_grown(self, node: int, page_size: int, pages: int) -> None:
+        """Record how many pages of that pool the tool added (0 forgets the pool)."""
+        key = (node, page_size)
+        if self.grown.get(key, 0) == pages:
+            return
+        if pages:
+            self.grown[key] = pages
+        else:
+            self.grown.pop(key, None)
+        self.changed = True
 
     def for_uuid(self, uuid: str) -> list[Reservation]:
         return [r for r in self.reservations if r.uuid == uuid]
@@ -211,6 +226,27 @@ class Book:
 class _Loaded:
     boot_id: str
     reservations: list[Reservation]
+    grown: dict[tuple[int, int], int]
+
+
+_GROWN_FIELDS = frozenset({"node", "page_size", "pages"})
+
+
+def _parse_grown(raw: object) -> dict[tuple[int, int], int]:
+    """The optional "grown" list: [{"node": N, "page_size": bytes, "pages": n}, ...]."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise LedgerCorrupt(f"field 'grown' must be a list, got {raw!r}")
+    grown: dict[tuple[int, int], int] = {}
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != _GROWN_FIELDS:
+            raise LedgerCorrupt(f"field 'grown' holds {item!r}, not {{node, page_size, pages}}")
+        key = (_int("node", item["node"], 0), _int("page_size", item["page_size"], 1))
+        if key in grown:
+            raise LedgerCorrupt(f"field 'grown' lists node {key[0]} page size {key[1]} twice")
+        grown[key] = _int("pages", item["pages"], 1)
+    return grown
 
 
 # The envelope's boot id, found in a file too damaged to parse as a whole.
@@ -225,6 +261,7 @@ class Salvage:
     boot_id: str | None
     reservations: list[Reservation]
     dropped: list[str]
+    grown: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def summary(self) -> str:
         dropped = "; ".join(self.dropped) if self.dropped else "no readable entry"
@@ -243,6 +280,7 @@ def salvage(data: bytes, reason: str) -> Salvage:
     kept: list[Reservation] = []
     dropped: list[str] = []
     seen: set[tuple[str, str]] = set()
+    grown: dict[tuple[int, int], int] = {}
     index = 0
     position = text.find("{")
     while position >= 0:
@@ -250,7 +288,12 @@ def salvage(data: bytes, reason: str) -> Salvage:
             value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError:
             value, end = None, position + 1
-        if isinstance(value, dict) and "reservations" not in value:
+        if isinstance(value, dict) and set(value) == _GROWN_FIELDS:
+            # A record of pages the tool added to a pool: kept when it reads, so they can be given back.
+            with contextlib.suppress(LedgerCorrupt):
+                grown.update(_parse_grown([value]))
+            position = text.find("{", end)
+        elif isinstance(value, dict) and "reservations" not in value:
             try:
                 entry = Reservation.from_json(value)
                 if entry.key in seen:
@@ -264,7 +307,7 @@ def salvage(data: bytes, reason: str) -> Salvage:
         else:
             # The envelope (or not JSON at all): look inside it for the entries.
             position = text.find("{", position + 1)
-    return Salvage(reason, found.group(1) if found else None, kept, dropped)
+    return Salvage(reason, found.group(1) if found else None, kept, dropped, grown)
 
 
 def state_dir_problem(directory: Path) -> str | None:
@@ -361,7 +404,7 @@ class Ledger:
         if duplicate is not None:
             raise LedgerCorrupt(f"{duplicate.file} of domain {duplicate.domain} "
                                 f"(uuid {duplicate.uuid}) is booked twice")
-        return _Loaded(boot_id, reservations)
+        return _Loaded(boot_id, reservations, _parse_grown(raw.get("grown")))
 
     def _this_boot(self, boot_id: str | None, reservations: list[Reservation]) -> list[Reservation]:
         # A damaged file whose boot id is unreadable keeps its entries: booking too much is safe, and
@@ -383,6 +426,13 @@ class Ledger:
         if isinstance(found, Salvage):
             return self._this_boot(found.boot_id, found.reservations), found.summary()
         return self._this_boot(found.boot_id, found.reservations), None
+
+    def read_grown(self) -> dict[tuple[int, int], int]:
+        """A snapshot of the pages the tool added per (node, page size), without the lock."""
+        found = self._examine()
+        if found is None or found.boot_id not in (None, self.boot_id):
+            return {}
+        return found.grown
 
     # ---- changing ----------------------------------------------------------------------------------
 
@@ -411,30 +461,34 @@ class Ledger:
                 if rebuild is None:
                     # Moving it aside now would leave a poorer ledger for the next caller.
                     raise LedgerCorrupt(damaged.reason)
-                book = Book(self._this_boot(damaged.boot_id, damaged.reservations))
+                this_boot = damaged.boot_id in (None, self.boot_id)
+                book = Book(self._this_boot(damaged.boot_id, damaged.reservations),
+                            grown=damaged.grown if this_boot else {})
                 keys = {entry.key for entry in book.reservations}
                 for entry in rebuild():
                     if entry.key not in keys:
                         keys.add(entry.key)
                         book.reservations.append(entry)
+                        book.recovered.append(entry)
                         added += 1
             elif found is None:
                 # Deleted (or never written): the running guests' bookings are still true.
-                book = Book(list(rebuild()) if rebuild is not None else [])
-                reset = bool(book.reservations)
+                running = list(rebuild()) if rebuild is not None else []
+                book = Book(list(running), recovered=running)
+                reset = bool(running)
             elif found.boot_id != self.boot_id:
                 log.event("boot-changed", dropped=len(found.reservations))
                 book, reset = Book(), True
             else:
-                book = Book(found.reservations)
+                book = Book(found.reservations, grown=found.grown)
             yield book
             if damaged is not None:
                 aside = self._keep_aside()
-                self._write(book.reservations)
+                self._write(book)
                 log.warning(f"{damaged.summary()}; kept as {aside}, "
                             f"added {added} reservations of running guests it had lost")
             elif book.changed or reset:
-                self._write(book.reservations)
+                self._write(book)
 
     def _keep_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -459,16 +513,19 @@ class Ledger:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
-    def _write(self, reservations: list[Reservation]) -> None:
-        duplicate = _duplicate(reservations)
+    def _write(self, book: Book) -> None:
+        duplicate = _duplicate(book.reservations)
         if duplicate is not None:
             raise _double_booked(duplicate)
-        document = {
+        document: dict[str, object] = {
             "version": VERSION,
             "boot_id": self.boot_id,
             "written": time.time(),
-            "reservations": [r.to_json() for r in reservations],
+            "reservations": [r.to_json() for r in book.reservations],
         }
+        if book.grown:
+            document["grown"] = [{"node": node, "page_size": size, "pages": pages}
+                                 for (node, size), pages in sorted(book.grown.items())]
         data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
         temp = self.state_dir / f"{_TEMP_PREFIX}{os.getpid()}"
         try:
@@ -493,3 +550,19 @@ class Ledger:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
+
+
+def may_hold(state_dir: Path, uuid: str) -> bool:
+    """Could the ledger under ``state_dir`` hold an entry of ``uuid``?  False means surely not.
+
+    A byte search without the lock or a parse, for the hook's release calls: libvirt runs two after every
+    stop, and the second finds nothing left to do.  Any doubt (an unreadable file) answers True.
+    """
+    try:
+        data = (Path(state_dir) / _FILE_NAME).read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    # Entries store the uuid as a JSON string; a uuid needs no escaping.
+    return f'"{uuid}"'.encode() in data

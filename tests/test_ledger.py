@@ -10,7 +10,7 @@ import pytest
 
 from dmem_libvirt import log
 from dmem_libvirt.errors import LedgerError
-from dmem_libvirt.ledger import VERSION, Book, Ledger, LedgerCorrupt, Reservation
+from dmem_libvirt.ledger import VERSION, Book, Ledger, LedgerCorrupt, Reservation, may_hold
 from dmem_libvirt.units import GiB, MiB
 
 BOOT = "0b7c2a4e-1111-4d2e-9c3a-000000000001"
@@ -317,3 +317,12 @@ def test_twenty_simultaneous_admissions_fill_the_capacity_exactly_once(ledger: L
     assert len(admitted) == CAPACITY_SLOTS
     assert len({r.domain for r in admitted}) == CAPACITY_SLOTS
     assert sum(r.bytes for r in admitted) == CAPACITY_SLOTS * SLOT
+
+
+def test_may_hold_is_false_only_when_the_ledger_surely_lacks_the_uuid(tmp_path: Path) -> None:
+    held = "6f9a4c1e-0000-4000-8000-000000000001"
+    assert not may_hold(tmp_path, held)
+    (tmp_path / "ledger.json").write_text(json.dumps({"reservations": [{"uuid": held}]}))
+    assert may_hold(tmp_path, held)
+    assert not may_hold(tmp_path, held.replace("1", "2"))
+    assert may_hold(tmp_path / "ledger.json", held)  # not a directory: unreadable, so maybe
