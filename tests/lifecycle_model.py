@@ -92,8 +92,10 @@ class World:
     lingering: dict[int, list[Path]] = field(default_factory=dict)   # QEMUs still mapping after a stop
     dead_pids: list[int] = field(default_factory=list)
     ledger_fault: bytes | None = None   # the damaged ledger a fault left, until a transaction repairs it
-    unaccounted: Counter[int] = field(default_factory=Counter)  # emulated pages a damaged ledger lost, per node
-    lost_to_fault: list[Reservation] | None = None
+    # Per node: pages taken from the emulated counters that no pinned ledger entry accounts for, as a
+    # fault left them (a kill while pinning, a damaged ledger that lost a stopped guest's entry).
+    unaccounted: Counter[int] = field(default_factory=Counter)
+    faulted: bool = False       # the step in progress injected a fault or repaired the ledger
 
     @classmethod
     def create(cls, root: Path, nodes: int) -> World:
@@ -192,7 +194,7 @@ class World:
 
     def _failed(self, guest: Guest, xml: bytes) -> None:
         """libvirt after a failed start: everything removed, then stopped end and release end."""
-        self.rig.stopped(guest.name)
+        self._cleanup(guest)
         guest.live, guest.pid, guest.state = None, None, "off"
         self.hook(guest, "stopped", "end", xml)
         self.hook(guest, "release", "end", xml)
@@ -208,7 +210,7 @@ class World:
             directory = next(self.rig.mount.glob(f"libvirt/qemu/{guest.dom_id}-*"))
             self.lingering[pid] = [directory, *sorted(directory.iterdir())]
         else:
-            self.rig.stopped(guest.name)
+            self._cleanup(guest)
             self._exits(pid)
             self.dead_pids.append(pid)
         guest.live, guest.pid, guest.state = None, None, "off"
@@ -217,6 +219,17 @@ class World:
             self.hook(guest, "release", "end", xml)
         if how == "release-twice":
             self.hook(guest, "release", "end", xml)
+
+    def _cleanup(self, guest: Guest) -> None:
+        """What libvirt removes when this run of the guest ends: status, pid file and this run's memory files."""
+        run_dir = self.rig.config.libvirt.run_dir
+        (run_dir / f"{guest.name}.xml").unlink(missing_ok=True)
+        (run_dir / f"{libvirt_escaped(guest.name)}.pid").unlink(missing_ok=True)
+        directory = self.rig.mount / "libvirt" / "qemu" / f"{guest.dom_id}-{guest.name[:20]}"
+        if directory.is_dir():
+            for file in directory.iterdir():
+                file.unlink()
+            directory.rmdir()
 
     def _exits(self, pid: int) -> None:
         if (self.rig.config.host.proc / str(pid)).exists():
@@ -252,21 +265,13 @@ class World:
                 return
             self.rig.domain_dir(guest.name, guest.dom_id)
         subop = "end" if operation == "release" else "begin"
-        free_before = [self.rig.free_pages(node) for node in range(self.nodes)]
+        self.faulted = True
         child = self._fork_hook(guest, operation, subop, xml)
         time.sleep(delay)
         os.kill(child, signal.SIGKILL)
         _, status_ = os.waitpid(child, 0)
         self.counts[f"killed {operation}" if os.WIFSIGNALED(status_) else f"outran kill {operation}"] += 1
         self._failed(guest, xml)
-        if operation == "start" and os.WIFSIGNALED(status_):
-            # Killed between taking pages from the emulated counters and recording the pin: the kernel
-            # would return them when libvirt unlinks the file; the emulation has no per-file count.
-            for node, before in enumerate(free_before):
-                lost = before - self.rig.free_pages(node)
-                if lost > 0:
-                    self.unaccounted[node] += lost
-                    self.counts["emulated pages lost to a kill while pinning"] += lost
 
     def race(self, guests: Sequence[Guest]) -> None:
         """Several prepares at once, each in its own process; the winners go on to start, the rest fail."""
@@ -302,7 +307,7 @@ class World:
         if not path.exists():
             return
         data = path.read_bytes()
-        entries = self.rig.ledger.snapshot()[0]
+        self.faulted = True
         if how == "deleted":
             path.unlink()
         elif how == "truncated":
@@ -317,10 +322,6 @@ class World:
                 return
             path.write_text(json.dumps(document))
         self.ledger_fault = path.read_bytes() if path.exists() else b""
-        # What the repair will keep is what still reads now; the rest only a running guest can give back.
-        readable = {e.key for e in self.rig.ledger.snapshot()[0]}
-        lost = [e for e in entries if e.state == "pinned" and e.key not in readable]
-        self.lost_to_fault = [*(self.lost_to_fault or []), *lost]
 
     def reuse_pid(self, rng: random.Random) -> None:
         """An unrelated process gets the pid of a QEMU that exited."""
@@ -334,7 +335,7 @@ class World:
         raw = path.read_bytes() if path.exists() else b""
         if self.ledger_fault is not None and raw != self.ledger_fault:
             self.ledger_fault = None
-            self._repaired()
+            self.faulted = True
         entries, damage = self.rig.ledger.snapshot()
         if damage and self.ledger_fault is None:
             raise Violation(f"the ledger is damaged though no fault did it: {damage}")
@@ -346,6 +347,8 @@ class World:
         if self.ledger_fault is None and len(keys) != len(set(keys)):
             raise Violation("a (uuid, file) is booked twice in the ledger")
         page = PAGE
+        self._accounting(entries)
+        self.faulted = False
         for node in range(self.nodes):
             total = int((self.rig.config.dmemfs.debugfs / f"node{node}" / "total_dpages").read_text()) * page
             free = self.rig.free_pages(node) * page
@@ -363,19 +366,29 @@ class World:
                 if not wanted <= held:
                     raise Violation(f"running guest {guest.name!r} holds {sorted(held)}, not {sorted(wanted)}")
 
-    def _repaired(self) -> None:
-        """Pinned entries the damage lost for good: a stopped guest's (nothing can rebuild them).
+    def _accounting(self, entries: Sequence[Reservation]) -> None:
+        """Pages taken from each node's counters match the pinned entries, but for what a fault explains.
 
-        The real dmemfs returns their pages when the files go; the emulated counters, kept by the
-        lifecycle's calls, cannot: the model counts those pages as lost to the fault.
+        The real dmemfs counts pages in the kernel, per file; the emulated one counts what the lifecycle
+        tells it, so a pin killed half-way or an entry a damaged ledger lost leaves pages it cannot see come
+        back.  Such a step moves the baseline (counted as lost to faults); any other step must not.
         """
-        # Only the very run that still goes on is rebuilt (from its status file and QEMU's pid).
-        running = {(g.uuid, g.pid) for g in self.guests if g.state == "running"}
-        for entry in self.lost_to_fault or []:
-            if (entry.uuid, entry.pid) not in running:
-                self.unaccounted[entry.node] += entry.bytes // PAGE
-                self.counts["emulated pages lost with a damaged ledger"] += entry.bytes // PAGE
-        self.lost_to_fault = None
+        for node in range(self.nodes):
+            total = int((self.rig.config.dmemfs.debugfs / f"node{node}" / "total_dpages").read_text())
+            taken = total - self.rig.free_pages(node)
+            pinned = sum(e.bytes // PAGE for e in entries if e.node == node and e.state == "pinned")
+            deficit = taken - pinned
+            if deficit == self.unaccounted[node]:
+                continue
+            # Once a fault left the counters above what the ledger pins, the emulation's clamp at the
+            # total moves the difference on later steps too.
+            if not (self.faulted or self.ledger_fault is not None or self.unaccounted[node] < 0):
+                raise Violation(f"node {node}: {taken} pages taken from the counters, the ledger pins {pinned} "
+                                f"(the faults so far explain {self.unaccounted[node]:+d})")
+            change = deficit - self.unaccounted[node]
+            self.counts["emulated pages lost to faults" if change > 0 else
+                        "emulated pages over-credited after faults"] += abs(change)
+            self.unaccounted[node] = deficit
 
     @property
     def nodes(self) -> int:
@@ -390,9 +403,6 @@ class World:
         for pid in list(self.lingering):
             self.linger_ends(pid)
         self.check()
-        if self.ledger_fault is not None:
-            self.ledger_fault = None
-            self._repaired()
         self.rig.now += 2 * self.rig.config.state.orphan_grace + 1
         self.counts["reconcile"] += 1
         status.reconcile(self.rig.context())
@@ -405,7 +415,7 @@ class World:
             raise Violation(f"after reconcile backing files remain: {files}")
         for node in range(self.nodes):
             total = int((self.rig.config.dmemfs.debugfs / f"node{node}" / "total_dpages").read_text())
-            if self.rig.free_pages(node) != total - self.unaccounted[node]:
+            if self.rig.free_pages(node) != total - max(0, self.unaccounted[node]):
                 raise Violation(f"after reconcile node {node} has {self.rig.free_pages(node)} of {total} pages free")
 
 
@@ -541,9 +551,7 @@ def run(seed: int, steps: int, nodes: int, *, ops: Sequence[Op] | None = None) -
     rng = random.Random(seed)
     done: list[Op] = []
     began = time.perf_counter()
-    # On tmpfs where there is one: the ledger's fsyncs then cost nothing and the model runs faster.
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(prefix="dmem-model-", dir=shm) as root:
+    with tempfile.TemporaryDirectory(prefix="dmem-model-") as root:
         world = World.create(Path(root) / "host", nodes)
         try:
             planned = iter(ops) if ops is not None else None
@@ -556,7 +564,7 @@ def run(seed: int, steps: int, nodes: int, *, ops: Sequence[Op] | None = None) -
                             "start", "stop", "kill", "damage-ledger", "migrate", "restore") else "")] += 1
                     world.check()
                 except Violation as violation:
-                    raise Violation(violation.message, done) from None
+                    raise Violation(f"{violation.message} (step {len(done)}: {op})", done) from None
             try:
                 world.finish()
             except Violation as violation:
