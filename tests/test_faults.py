@@ -394,3 +394,17 @@ def test_the_hook_script_filters_with_the_package_s_own_limit_markers_and_operat
     refusing = {operation for (operation, subop), handler in OPERATIONS.items()
                 if subop == "begin" and handler not in NEVER_FAIL}
     assert set(namespace["MAY_REFUSE"]) == refusing  # type: ignore[arg-type]
+
+
+def test_orphans_freed_by_a_refused_prepare_stay_freed_in_the_ledger(rig: Rig) -> None:
+    full = rig.free_pages(0)
+    start_guest(rig, "db01", enabled(guest_xml("db01", [16 * MiB]), [0]), 1, 4242)
+    # db01's QEMU died while libvirtd was down: its files and pages are an orphan.
+    rig.qemu_exits(4242)
+    rig.stopped("db01")
+    rig.now += 2 * HOUR
+    too_big = live(enabled(guest_xml("web01", [80 * MiB]), [0]), 2)
+    assert rig.call("web01", "prepare", "begin", too_big).code == 1
+    # The orphan's pages went back with the refused prepare: the ledger must not book them any more.
+    assert rig.free_pages(0) == full
+    assert rig.reservations() == []
