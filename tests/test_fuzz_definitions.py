@@ -9,11 +9,8 @@ exit 1 with one line where libvirt lets it refuse, and always 0 where it must ne
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hook import Call, Rig, live
@@ -162,15 +159,6 @@ def one_line_or_nothing(code: int, stderr: str, what: str) -> None:
         assert stderr.count("\n") == 1 and stderr.startswith("dmem-libvirt: "), f"{what}: {stderr!r}"
 
 
-@pytest.fixture
-def fuzz_rig(tmp_path: Path) -> Iterator[Rig]:
-    made = Rig(tmp_path / "host")
-    try:
-        yield made
-    finally:
-        made.close()
-
-
 def rewrite(rig: Rig, xml: bytes, *nodes: str) -> Call:
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(["--config", str(rig.config_path), "rewrite", *nodes], stdin=io.BytesIO(xml), stdout=out,
@@ -178,29 +166,29 @@ def rewrite(rig: Rig, xml: bytes, *nodes: str) -> Call:
     return Call(code, out.getvalue(), err.getvalue())
 
 
-def test_generated_definitions_are_rewritten_idempotently_or_refused_in_one_line(fuzz_rig: Rig) -> None:
+def test_generated_definitions_are_rewritten_idempotently_or_refused_in_one_line(rig: Rig) -> None:
     @FUZZ
     @given(domain_xml(), st.sampled_from(((), ("--nodes", "0"), ("--nodes", "1"), ("--nodes", "0,1,0,1"))))
     def check(xml: bytes, nodes: tuple[str, ...]) -> None:
-        first = rewrite(fuzz_rig, xml, *nodes)
+        first = rewrite(rig, xml, *nodes)
         one_line_or_nothing(first.code, first.stderr, "rewrite")
         if first.code:
             assert first.stdout == ""
             return
         domxml.parse(first.stdout.encode())
-        second = rewrite(fuzz_rig, first.stdout.encode(), *nodes)
+        second = rewrite(rig, first.stdout.encode(), *nodes)
         assert (second.code, second.stdout) == (0, first.stdout), "rewrite is not idempotent"
         # What the rewrite defines passes through the hook too.
-        through_hook(fuzz_rig, first.stdout.encode())
+        through_hook(rig, first.stdout.encode())
 
     check()
 
 
-def test_generated_definitions_through_the_hook_exit_0_or_refuse_in_one_line(fuzz_rig: Rig) -> None:
+def test_generated_definitions_through_the_hook_exit_0_or_refuse_in_one_line(rig: Rig) -> None:
     @FUZZ
     @given(domain_xml())
     def check(xml: bytes) -> None:
-        through_hook(fuzz_rig, xml)
+        through_hook(rig, xml)
 
     check()
 
