@@ -9,6 +9,7 @@ violation it prints the shortest operation sequence that still breaks the invari
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=time.time_ns() % 1_000_000)
     parser.add_argument("--chunk", type=int, default=500, help="steps per fresh host (default 500)")
     args = parser.parse_args()
+    # A stopped run still unmounts its fake host's tmpfs (the model's cleanup runs on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"lifecycle model: seed {args.seed}, {args.steps} steps on hosts of 1-4 nodes", flush=True)
     total = Outcome(0, 0.0, Counter(), [])
     violations = 0
