@@ -24,6 +24,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -169,6 +170,20 @@ def explain(timing: Cycle, domain: str, destroy_called: float, log: str) -> None
             timing.hooks[call] = _seconds(done.group(1)) - began
         elif (stop := PROCESS_STOP.match(line)) and stop.group(3) == domain:
             timing.libvirt_stop = _seconds(stop.group(1)) - destroy_called
+
+
+def hook_latencies(log: str) -> dict[tuple[str, str], list[float]]:
+    """(domain, "operation subop") -> seconds of every hook call libvirtd logged."""
+    pending: dict[str, tuple[float, str, str]] = {}
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for line in log.splitlines():
+        if started := HOOK_STARTED.match(line):
+            stamp, thread, domain, operation, subop = started.groups()
+            pending[thread] = (_seconds(stamp), domain, f"{operation} {subop}")
+        elif (done := COMMAND_DONE.match(line)) and done.group(2) in pending:
+            began, domain, operation = pending.pop(done.group(2))
+            out[(domain, operation)].append(_seconds(done.group(1)) - began)
+    return out
 
 
 def _seconds(stamp: str) -> float:

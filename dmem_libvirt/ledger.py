@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .atomic import temp_prefix, write_atomically
 from .domain import backing_file_problem
 from .errors import LedgerError
 from .lock import HostLock
@@ -35,7 +36,6 @@ ORIGINS = frozenset({"prepare", "start", "migrate", "restore", "reconnect", "reb
 
 _FILE_NAME = "ledger.json"
 _LOCK_NAME = "lock"
-_TEMP_PREFIX = f".{_FILE_NAME}.tmp-"
 _ENVELOPE = ("version", "boot_id", "written", "reservations", "grown")
 
 
@@ -509,7 +509,7 @@ class Ledger:
     def _remove_stale_temps(self) -> None:
         # Only a writer holding the lock creates temp files, and we hold it: any left were
         # abandoned by a killed process.
-        for stale in self.state_dir.glob(_TEMP_PREFIX + "*"):
+        for stale in self.state_dir.glob(temp_prefix(self.path) + "*"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
@@ -527,28 +527,10 @@ class Ledger:
             document["grown"] = [{"node": node, "page_size": size, "pages": pages}
                                  for (node, size), pages in sorted(book.grown.items())]
         data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
-        temp = self.state_dir / f"{_TEMP_PREFIX}{os.getpid()}"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                # The data must be on disk before the rename makes it the ledger, or a power cut
-                # could leave a renamed but empty file.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
-            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                # The rename itself is durable only once the directory is.
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            # Temp file, fsync, rename, fsync of the directory: a power cut leaves the old or the new ledger.
+            write_atomically(self.path, data)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                temp.unlink()
             raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
 
 

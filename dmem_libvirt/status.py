@@ -12,10 +12,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import install, procmaps
+from . import counters, install, procmaps
 from .backends import Finding
 from .errors import DmemError
-from .lifecycle import HookContext, collect_orphans, rebuild_from_running
+from .ledger import Reservation
+from .lifecycle import HookContext, collect_orphans, find_orphans, rebuild_from_running
 from .units import format_page_size, format_size
 
 
@@ -55,10 +56,14 @@ def collect(ctx: HookContext) -> dict[str, Any]:
             for e in sorted(reservations, key=lambda e: (e.domain, e.file))
         ],
         "domains": sorted(domains.values(), key=lambda d: d["name"]),
+        # Pages the tool added to the kernel's pools and has not given back (hugetlbfs).
+        "grown": [{"node": node, "page_size": size, "pages": pages}
+                  for (node, size), pages in sorted(ctx.ledger.read_grown().items())],
         "struct_page_saved": saved.bytes,
         "struct_page_saved_measured": saved.measured,
         "struct_page_saved_how": saved.how,
         "ledger_damage": damage,
+        "counters": counters.read(ctx.config.state.dir, ctx.ledger.boot_id),
     }
 
 
@@ -88,14 +93,28 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no domain holds reserved memory")
     lines.append("")
+    for grown in status["grown"]:
+        lines.append(f"node {grown['node']}: {grown['pages']} pages of {format_page_size(grown['page_size'])} "
+                     "added to the pool by dmem-libvirt")
+    counts = status["counters"]
+    refused = {reason: n for reason, n in counts["refusals"].items() if n}
+    lines.append(f"since boot: {sum(counts['admissions'].values())} admitted, {sum(refused.values())} refused"
+                 + (f" ({', '.join(f'{reason} {n}' for reason, n in refused.items())})" if refused else "")
+                 + f", {sum(counts['hook_failures'].values())} hook failures")
     how = "measured" if status["struct_page_saved_measured"] else "computed"
     lines.append(f"struct page memory saved: {format_size(status['struct_page_saved'])} "
                  f"({how}: {status['struct_page_saved_how']})")
     return "\n".join(lines)
 
 
-def reconcile(ctx: HookContext) -> list[str]:
-    """Adopt running guests the ledger lost, free what no live guest owns; what was done, one per line."""
+def reconcile(ctx: HookContext, *, dry_run: bool = False) -> list[str]:
+    """Adopt running guests the ledger lost, free what no live guest owns; what was (or would be) done."""
+    if dry_run:
+        held = ctx.ledger.read()
+        known = {entry.uuid for entry in held}
+        return [*(f"would adopt {_adopted(entry)}: it runs with dmem-libvirt metadata but the ledger lacks it"
+                  for entry in rebuild_from_running(ctx) if entry.uuid not in known),
+                *(f"would free {orphan.what}: {orphan.why}" for orphan in find_orphans(ctx, held))]
     done: list[str] = []
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         known = {entry.uuid for entry in book.reservations}
@@ -104,10 +123,18 @@ def reconcile(ctx: HookContext) -> list[str]:
             if entry.uuid not in known:
                 book.add(entry)
                 adopted.append(entry)
-        done.extend(f"adopted {entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})"
-                    for entry in adopted)
+        done.extend(f"adopted {_adopted(entry)}" for entry in adopted)
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
+        before = dict(book.grown)
+        # Pages a backend added to the kernel's pools that were still in use at their guest's release.
+        ctx.backend.give_back(ctx, book, [])
+        done.extend(f"gave back {pages - book.grown.get(key, 0)} pages of {format_page_size(key[1])} on node "
+                    f"{key[0]}" for key, pages in sorted(before.items()) if pages != book.grown.get(key, 0))
     return done
+
+
+def _adopted(entry: Reservation) -> str:
+    return f"{entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})"
 
 
 def check(ctx: HookContext) -> list[Finding]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -44,6 +45,8 @@ HUGETLBFS_MAGIC = 0x958458F6
 BASE_PAGE = 4096
 STRUCT_PAGE_BYTES = 64
 HVO_SYSCTL = "vm.hugetlb_optimize_vmemmap"
+# Seconds release waits for the pages of a guest that just stopped to reach the free count.
+RETURN_WAIT = 2.0
 
 
 def hvo_saving(page_size: int) -> int:
@@ -79,17 +82,27 @@ class HugetlbfsBackend:
         ``[hugetlbfs] mount``, when set, comes first for its size.
         """
         mounted = _hugetlbfs_mounts(self.proc / "mounts")
-        configured = self.host.qemu_conf_value("hugetlbfs_mount")
-        listed = [configured] if isinstance(configured, str) else configured if isinstance(configured, list) else None
+        listed = self.libvirt_mounts()
         found: dict[int, Path] = {}
         own = self.config.hugetlbfs.mount
         if own is not None and own in mounted:
             found[mounted[own]] = own
-        for path in ([Path(str(item)) for item in listed] if listed is not None else list(mounted)):
+        for path in listed if listed is not None else list(mounted):
             size = mounted.get(path)
             if size is not None:
                 found.setdefault(size, path)
         return found
+
+    def libvirt_mounts(self) -> list[Path] | None:
+        """qemu.conf's hugetlbfs_mount (a path or a list of paths); None when unset."""
+        value = self.host.qemu_conf_value("hugetlbfs_mount")
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) and item.startswith("/") for item in items):
+            raise HostError(f"cannot parse {self.config.libvirt.qemu_conf}: hugetlbfs_mount = {value!r} is not "
+                            "an absolute path or a list of them")
+        return [Path(str(item)) for item in items]
 
     @property
     def mount(self) -> Path:
@@ -321,13 +334,13 @@ class HugetlbfsBackend:
             return [replace(entry, state="pinned") for entry in entries]
         return list(entries)
 
-    def give_back(self, ctx: HookContext, book: Book) -> None:
+    def give_back(self, ctx: HookContext, book: Book, dropped: Sequence[Reservation]) -> None:
         """Shrink each pool the tool grew by its pages that are free and that no starting guest needs."""
         for (node, page_size), grown in sorted(book.grown.items()):
             try:
-                nr, free = self.counts(node, page_size)
-                in_flight = sum(r.bytes for r in _in_flight(book.reservations, page_size) if r.node == node)
-                spare = free - _pages(in_flight + self._foreign_reserved(book.reservations, page_size), page_size)
+                returning = sum(_pages(e.bytes, page_size) for e in dropped
+                                if e.node == node and e.page_size == page_size and e.state == "pinned")
+                nr, spare = self._spare(book, node, page_size, min(grown, returning))
                 give = min(grown, spare, nr)
                 if give <= 0:
                     continue
@@ -336,6 +349,21 @@ class HugetlbfsBackend:
                 log.event("pool-shrunk", None, node=node, page_size=page_size, pages=freed, nr=nr - freed)
             except (DmemError, OSError) as err:
                 log.warning(f"cannot give back host node {node}'s {format_page_size(page_size)} pages: {err}")
+
+    def _spare(self, book: Book, node: int, page_size: int, expected: int) -> tuple[int, int]:
+        """(nr, free pages no in-flight guest needs), waiting briefly for ``expected`` pages to come back.
+
+        libvirt runs release once QEMU is gone, but the last reference to its hugetlbfs file (and so its
+        pages) may be dropped a moment later, outside the exiting process.
+        """
+        deadline = time.monotonic() + RETURN_WAIT
+        while True:
+            nr, free = self.counts(node, page_size)
+            in_flight = sum(r.bytes for r in _in_flight(book.reservations, page_size) if r.node == node)
+            spare = free - _pages(in_flight + self._foreign_reserved(book.reservations, page_size), page_size)
+            if spare >= expected or time.monotonic() >= deadline:
+                return nr, spare
+            time.sleep(0.02)
 
     def fill(self) -> Callable[[int, int], None] | None:
         return None
@@ -405,6 +433,11 @@ class HugetlbfsBackend:
             mount = self.mounts()[size]
         except DmemError as err:
             return Finding(False, err.message, "mount hugetlbfs and list it in qemu.conf's hugetlbfs_mount")
+        listed = self.libvirt_mounts()
+        qemu_conf = self.config.libvirt.qemu_conf
+        if listed is not None and mount not in listed:
+            return Finding(False, f"{mount} is not in hugetlbfs_mount of {qemu_conf}: libvirt will not use it",
+                           f'add "{mount}" to hugetlbfs_mount in {qemu_conf} and restart libvirtd')
         return Finding(True, f"{mount} is a hugetlbfs mount of {format_page_size(size)} pages that libvirt uses")
 
     def _check_limits(self) -> list[Finding]:
