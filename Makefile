@@ -1,6 +1,6 @@
 # ./dev demo (or make demo)  - a guest on emulated dmemfs in a private libvirtd sandbox, then a refusal, then cleanup
 # ./dev test (or make test)  - bootstrap, lint, then the whole test suite (end-to-end included); as root on Debian 12
-# make unit / make e2e / make lint / make bootstrap - the parts
+# make unit / make e2e / make lint / make bootstrap - the parts; make model - 10,000 randomized lifecycle steps
 # make deb                   - build/deb/dmem-libvirt_<version>_all.deb with the Debian tooling, checked by lintian
 
 PYTHON  ?= /usr/bin/python3
@@ -16,7 +16,7 @@ DEB_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all pyt
                     python3-libvirt python3-lxml
 DEB_DIR := build/deb
 
-.PHONY: bootstrap apt unit e2e lint test demo deb
+.PHONY: bootstrap apt unit e2e lint test demo deb model
 
 bootstrap: apt $(VENV)/.installed
 
@@ -52,6 +52,10 @@ test: bootstrap
 
 demo: bootstrap
 	$(BIN)/python tests/sandbox.py demo
+
+# The randomized lifecycle model, long (CI runs 1,000 steps of it in the unit tests).
+model: $(VENV)/.installed
+	$(BIN)/python bench/model.py --steps 10000
 
 # Built from a copy of the tree (tracked and new files, not .venv or build/), with the system's python3.
 deb:

@@ -185,7 +185,8 @@ def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes) -> Pl
         page = args.page_size or _host_page_size(ctx, dom)
         rooms: list[NodeRoom] | None
         try:
-            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid, page_size=page)
+            # Define time only advises: a damaged ledger still tells what it can (the hook decides).
+            rooms = ctx.rooms(ctx.ledger.snapshot()[0], except_uuid=dom.uuid, page_size=page)
         except HostError as err:
             if not args.nodes:
                 raise HostError(f"{err.message}; or give the host nodes with --nodes") from None

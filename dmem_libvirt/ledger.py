@@ -161,6 +161,8 @@ class Book:
     changed: bool = False
     # (host node, page size) -> pages the tool added to that kernel pool and has not given back yet.
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Entries the transaction took from running guests because the file had lost them.
+    recovered: list[Reservation] = field(default_factory=list)
 
     def set_grown(self, node: int, page_size: int, pages: int) -> None:
         """Record how many pages of that pool the tool added (0 forgets the pool)."""
@@ -467,9 +469,13 @@ class Ledger:
                     if entry.key not in keys:
                         keys.add(entry.key)
                         book.reservations.append(entry)
+                        book.recovered.append(entry)
                         added += 1
             elif found is None:
-                book = Book()
+                # Deleted (or never written): the running guests' bookings are still true.
+                running = list(rebuild()) if rebuild is not None else []
+                book = Book(list(running), recovered=running)
+                reset = bool(running)
             elif found.boot_id != self.boot_id:
                 log.event("boot-changed", dropped=len(found.reservations))
                 book, reset = Book(), True

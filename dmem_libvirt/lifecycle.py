@@ -370,14 +370,23 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     page_size = check_metadata(ctx, name, dom.metadata)
     ctx.backend.ready(ctx, name)
     wanted = _recorded_placement(dom)
+    refused: DmemError | None = None
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         mine = book.for_uuid(uuid)
-        if mine:
-            _refuse_still_mapped(name, _drop(ctx, book, mine, "stale-dropped"))
-        placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
-        entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
-        _book(ctx, book, name, entries)
+        try:
+            if mine:
+                _refuse_still_mapped(name, _drop(ctx, book, mine, "stale-dropped"))
+            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
+        except DmemError as err:
+            # The orphans and stale entries dropped above are gone (files removed, pages given back):
+            # the ledger must say so even though this guest is refused.
+            refused = err
+        else:
+            entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
+            _book(ctx, book, name, entries)
+    if refused is not None:
+        raise refused
     _log_reservations("admit", entries)
     ctx.count("admissions", "prepare")
 
@@ -628,11 +637,17 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
     uuid = _uuid(dom, name)
     page_size = check_metadata(ctx, name, dom.metadata, arriving=origin)
     current = _recorded_placement(dom)
+    refused: DmemError | None = None
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         try:
-            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
-        except PlacementError:
-            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
+            try:
+                placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
+            except PlacementError:
+                placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
+        except DmemError as err:
+            refused = err  # committed with the orphans it freed, as in prepare
+    if refused is not None:
+        raise refused
     log.event(origin, name, placement=placement)
     return serialize(tree) if retarget(tree, placement) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from . import counters, install, procmaps
@@ -117,10 +118,12 @@ def reconcile(ctx: HookContext, *, dry_run: bool = False) -> list[str]:
     done: list[str] = []
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         known = {entry.uuid for entry in book.reservations}
+        adopted = list(book.recovered)
         for entry in rebuild_from_running(ctx):
             if entry.uuid not in known:
                 book.add(entry)
-                done.append(f"adopted {_adopted(entry)}")
+                adopted.append(entry)
+        done.extend(f"adopted {_adopted(entry)}" for entry in adopted)
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
         before = dict(book.grown)
         # Pages a backend added to the kernel's pools that were still in use at their guest's release.
@@ -176,6 +179,8 @@ def _check_hook(ctx: HookContext) -> list[Finding]:
     if not os.access(interpreter, os.X_OK):
         findings.append(Finding(False, f"the hook's interpreter {interpreter or '(none)'} is not executable",
                                 fix))
+    else:
+        findings.append(_check_hook_imports(path))
     daemon = install.find_daemon(ctx.run_dir, ctx.proc)
     if not isinstance(daemon, install.Daemon):
         findings.append(Finding(False, f"no running libvirtd or virtqemud has loaded the hook: {daemon}",
@@ -190,6 +195,29 @@ def _check_hook(ctx: HookContext) -> list[Finding]:
                                        "before the hook was written and was not reloaded since",
                                 f"kill -HUP {daemon.pid} (or systemctl reload {daemon.name})"))
     return findings
+
+
+# A guest that is not ours (no <dmem:memory>) but names our namespace, so the hook script must import the
+# package to find that out; it then exits 0 without touching the host.
+_IMPORT_PROBE = (b"<domain type='kvm'><name>dmem-libvirt-check</name><metadata>"
+                 b"<probe xmlns='http://dmem-libvirt.org/xmlns/domain/1'/></metadata></domain>")
+
+
+def _check_hook_imports(path: Path) -> Finding:
+    """Run the installed hook as libvirt would (cwd /, a bare environment) and see that it loads the package."""
+    import subprocess
+
+    try:
+        done = subprocess.run([str(path), "dmem-libvirt-check", "prepare", "begin", "-"], input=_IMPORT_PROBE,
+                              capture_output=True, cwd="/", timeout=30, check=False,
+                              env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return Finding(False, f"the hook {path} cannot be run: {err}", "dmem-libvirt install-hook")
+    if done.returncode:
+        said = " ".join(done.stderr.decode(errors="replace").split())[:300]
+        return Finding(False, f"the hook {path} fails as libvirt runs it (exit {done.returncode}): {said}",
+                       "dmem-libvirt install-hook (every guest of ours is refused until then)")
+    return Finding(True, f"hook {path} loads the package as libvirt runs it")
 
 
 def _process_start(ctx: HookContext, pid: int) -> float:
