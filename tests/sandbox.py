@@ -1,12 +1,12 @@
 """A private libvirtd + QEMU on emulated dmemfs, in its own mount namespace, for tests and the demo.
 
 `Sandbox(root, per_node).up()` installs what is missing, bind-mounts directories under `root` over libvirt's
-and dmem-libvirt's host paths inside a private mount and UTS namespace, emulates dmemfs there, mounts its
-own hugetlbfs (2 MiB and 1 GiB pages, listed in qemu.conf's hugetlbfs_mount: the pools behind them are the
-machine's, real and host-global), installs the hook and starts virtlogd + libvirtd.  `down()` stops every
-process of that namespace by pid and removes `root`; the machine's own libvirt, mounts and configuration
-are never touched.  Two sandboxes are two hosts that can migrate guests to each other (see HOSTS).
-CLI: `python tests/sandbox.py`.
+and dmem-libvirt's host paths inside a private mount and UTS namespace, emulates dmemfs there, mounts
+its own hugetlbfs (2 MiB and 1 GiB pages, listed in qemu.conf's hugetlbfs_mount: the pools behind them
+are the machine's, real and host-global), installs the hook and starts virtlogd + libvirtd.  `down()`
+stops every process of that namespace by pid and removes `root`; the machine's own libvirt, mounts and
+configuration are never touched.  Two sandboxes are two hosts that can migrate guests to each other
+(see HOSTS).  CLI: `python tests/sandbox.py`.
 """
 
 from __future__ import annotations
@@ -459,7 +459,6 @@ class Sandbox:
             # /dev/kvm is the private node above (libvirt's own /dev namespace would copy the host's).
             "namespaces = [ ]\n"
             f'user = "{QEMU_USER}"\ngroup = "{QEMU_GROUP}"\n')
-        self.use_config(self.emulated_config())
 
     def _start_libvirtd(self) -> None:
         # libvirt drops its cached QEMU capabilities when the host CPUID it reads differs from the cached
