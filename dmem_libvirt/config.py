@@ -58,6 +58,22 @@ class PinConfig:
     threads: int = 0
 
 
+ADOPT_MODES = ("refuse", "admit")
+
+
+@dataclass(frozen=True)
+class AdoptConfig:
+    # File-backed guests without our metadata whose RAM lands on the backend (as OpenStack Nova defines
+    # them): "refuse" them at prepare, or "admit" them through the same lifecycle as ours.
+    file_backed: str = "refuse"
+
+
+@dataclass(frozen=True)
+class NovaConfig:
+    # Pool memory kept out of what `nova-config` tells Nova, for guests defined outside Nova.
+    reserve: int = 0
+
+
 @dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
@@ -65,6 +81,8 @@ class Config:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     state: StateConfig = field(default_factory=StateConfig)
     pin: PinConfig = field(default_factory=PinConfig)
+    adopt: AdoptConfig = field(default_factory=AdoptConfig)
+    nova: NovaConfig = field(default_factory=NovaConfig)
     source: Path | None = None
 
 
@@ -74,6 +92,8 @@ _SECTIONS: dict[str, type] = {
     "libvirt": LibvirtConfig,
     "state": StateConfig,
     "pin": PinConfig,
+    "adopt": AdoptConfig,
+    "nova": NovaConfig,
 }
 
 
@@ -141,8 +161,12 @@ def _convert(section: str, key: str, value: Any) -> Any:
                 raise ValueError(f"node {node!r} is not a node number")
             out[int(node)] = parse_size(size)
         return out
-    if section == "dmemfs" and key == "page_size":
+    if (section, key) in (("dmemfs", "page_size"), ("nova", "reserve")):
         return parse_size(value)
+    if section == "adopt" and key == "file_backed":
+        if value not in ADOPT_MODES:
+            raise ValueError(f"expected one of {', '.join(repr(m) for m in ADOPT_MODES)}, got {value!r}")
+        return value
     if key in ("emulate",):
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, got {value!r}")

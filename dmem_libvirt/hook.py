@@ -106,6 +106,10 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
     from .config import load
 
     ctx = context or lifecycle.HookContext.create(load())
+    if dom.metadata is None and handler in ("prepare", "start", "started", "reconnect"):
+        from .adopt import for_operation
+
+        dom = for_operation(ctx, root, dom, handler)
     if handler in ("migrate", "restore"):
         changed = lifecycle.incoming(ctx, name, xml, handler)
         if changed is not None:

@@ -99,8 +99,8 @@ def _uuid(dom: DomainMemory, name: str) -> str:
 
 
 def _recorded_placement(dom: DomainMemory) -> dict[int, int]:
-    """Guest cell -> host node, as the domain's metadata records it."""
-    return {placed.cell: placed.node for placed in backing_files(dom)}
+    """Guest cell -> host node, as the domain's metadata records it (cells the host chooses left out)."""
+    return {placed.cell: placed.node for placed in backing_files(dom) if placed.node is not None}
 
 
 def _new_reservations(ctx: HookContext, name: str, uuid: str, dom: DomainMemory,
@@ -119,6 +119,8 @@ def _admit(ctx: HookContext, book: Book, name: str, uuid: str, dom: DomainMemory
            *, fixed: dict[int, int] | None) -> dict[int, int]:
     assert dom.metadata is not None
     rooms = ctx.rooms(book.reservations, except_uuid=uuid)
+    if dom.metadata.allowed:
+        rooms = [room for room in rooms if room.node in dom.metadata.allowed]
     return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless)
 
 
@@ -230,6 +232,10 @@ def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
     for running in runtime.running_domains(ctx.run_dir):
         try:
             dom = read_domain(running.domain)
+            if dom.metadata is None:
+                from .adopt import for_running
+
+                dom = for_running(ctx, running.domain, dom, running.pid)
         except DmemError:
             continue
         if dom.metadata is None or not dom.uuid:
@@ -248,6 +254,8 @@ def _found_on_mount(ctx: HookContext, name: str, dom: DomainMemory, pid: int | N
     directories = runtime.domain_dir_candidates(ctx.host.memory_backing_dir(), name, dom_id)
     entries = []
     for placed in backing_files(dom):
+        if placed.node is None:
+            continue
         entry = Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
                             page_size=dom.metadata.page_size, backend=dom.metadata.backend,
                             file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid)
@@ -426,7 +434,8 @@ def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     log.event("verified", name, pid=pid, files=len(mine))
 
 
-def _verify_mapped(ctx: HookContext, name: str, pid: int, file: str, node: int, entry: Reservation | None) -> None:
+def _verify_mapped(ctx: HookContext, name: str, pid: int, file: str, node: int | None,
+                   entry: Reservation | None) -> None:
     # Without a pinned file QEMU created its own, which on dmemfs faults past its end (SIGBUS).
     if entry is None or entry.state != "pinned" or not entry.path:
         raise DmemError(f"{file} on host node {node} was never pinned", name)

@@ -85,11 +85,10 @@ def maps_inode(proc: Path, pid: int, device: int, inode: int) -> int:
     return sum(end - start for start, end in _mapped_ranges(text, device, inode))
 
 
-def numa_policy(proc: Path, pid: int, path: Path) -> str | None:
-    """Policy field ("bind:0", "default", ...) of the first mapping of ``path`` in /proc/<pid>/numa_maps.
+def _numa_maps_fields(proc: Path, pid: int, path: Path) -> list[str] | None:
+    """The fields of the first line of /proc/<pid>/numa_maps that maps ``path``; None when there is none.
 
-    ``path`` is compared with what the kernel prints: absolute, symlinks resolved.  None when the
-    process does not map it (or is gone).
+    ``path`` is compared with what the kernel prints: absolute, symlinks resolved.
     """
     text = _read(proc / str(pid) / "numa_maps")
     if not text:
@@ -107,8 +106,27 @@ def numa_policy(proc: Path, pid: int, path: Path) -> str | None:
                 break
             parts.append(field)
         if " ".join(parts) == wanted:
-            return fields[1]
+            return fields
     return None
+
+
+def numa_policy(proc: Path, pid: int, path: Path) -> str | None:
+    """Policy field ("bind:0", "default", ...) of the first mapping of ``path`` in /proc/<pid>/numa_maps.
+
+    None when the process does not map it (or is gone).
+    """
+    fields = _numa_maps_fields(proc, pid, path)
+    return fields[1] if fields else None
+
+
+def resident_nodes(proc: Path, pid: int, path: Path) -> dict[int, int]:
+    """Host node -> pages of ``path`` resident there (the ``N<node>=<pages>`` fields of numa_maps)."""
+    counts: dict[int, int] = {}
+    for field in _numa_maps_fields(proc, pid, path) or ():
+        key, _, value = field.partition("=")
+        if key[:1] == "N" and key[1:].isdigit() and value.isdigit():
+            counts[int(key[1:])] = int(value)
+    return counts
 
 
 def cmdline(proc: Path, pid: int) -> list[str]:

@@ -1,0 +1,144 @@
+"""OpenStack Nova: what its domains say about themselves, and what Nova must be told about this host.
+
+Nova's libvirt driver writes a ``<nova:instance>`` element (namespace NOVA_NS) into every domain's
+<metadata>: the instance's display name, its flavor and the flavor's extra specs.  `read_instance` reads
+it (stdlib ElementTree or lxml).  `host_settings` turns the live pools into the nova.conf values and the
+provider-config traits that `dmem-libvirt nova-config` prints: Nova reports ``[libvirt]
+file_backed_memory`` as the host's MEMORY_MB and requires ``ram_allocation_ratio = 1.0`` with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import runtime
+from .errors import DmemError
+from .units import MiB, format_page_size, format_size
+
+if TYPE_CHECKING:
+    from .domain import Element
+    from .host import DmemPool
+
+NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
+TRAIT = "CUSTOM_DMEM"
+PROVIDER_SCHEMA_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class NovaInstance:
+    """Nova's own description of a domain."""
+
+    name: str                          # the instance's display name (the domain is "instance-<id>")
+    flavor: str
+    extra_specs: Mapping[str, str]
+
+    @property
+    def page_size(self) -> str | None:
+        """``hw:mem_page_size`` as the flavor gives it ("2MB", "large", ...), None when unset."""
+        return self.extra_specs.get("hw:mem_page_size")
+
+
+def read_instance(root: Element) -> NovaInstance | None:
+    """The ``<nova:instance>`` metadata of a <domain> element, None when Nova did not define it."""
+    instance = root.find(f"metadata/{{{NOVA_NS}}}instance")
+    if instance is None:
+        return None
+    flavor = instance.find(f"{{{NOVA_NS}}}flavor")
+    specs = {}
+    if flavor is not None:
+        for spec in flavor.findall(f"{{{NOVA_NS}}}extraSpecs/{{{NOVA_NS}}}extraSpec"):
+            if spec.get("name"):
+                specs[str(spec.get("name"))] = (spec.text or "").strip()
+    return NovaInstance(
+        name=(instance.findtext(f"{{{NOVA_NS}}}name") or "").strip(),
+        flavor=(flavor.get("name") or "") if flavor is not None else "",
+        extra_specs=specs,
+    )
+
+
+def running_instances(run_dir: Path) -> dict[str, NovaInstance]:
+    """Domain UUID -> Nova's description, for every running domain that Nova defined."""
+    found = {}
+    for running in runtime.running_domains(run_dir):
+        instance = read_instance(running.domain)
+        uuid = (running.domain.findtext("uuid") or "").strip()
+        if instance is not None and uuid:
+            found[uuid] = instance
+    return found
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """What Nova must be told about this host."""
+
+    backend: str
+    page_size: int
+    pools: Mapping[int, int]            # node -> pool bytes
+    reserve: int                        # pool bytes kept back from Nova
+    file_backed_memory_mb: int
+    traits: tuple[str, ...]
+
+
+def page_trait(page_size: int) -> str:
+    """The trait for a page size, in the spelling of Nova's hw:mem_page_size: CUSTOM_DMEM_PAGE_2MB."""
+    size = format_page_size(page_size).replace(" ", "").upper()
+    return f"{TRAIT}_PAGE_{size.removesuffix('IB')}B"
+
+
+def host_settings(backend: str, page_size: int, pools: Mapping[int, DmemPool], reserve: int,
+                  page_sizes: Iterable[int] = ()) -> HostSettings:
+    """Nova's view of the pools: their total less ``reserve``, in whole MiB; one trait per page size."""
+    total = sum(pool.total for pool in pools.values())
+    if total <= 0:
+        raise DmemError(f"the {backend} pools are empty: nothing to offer Nova")
+    offered = total - reserve
+    if offered < MiB:
+        raise DmemError(f"[nova] reserve {format_size(reserve)} leaves nothing of the {format_size(total)} "
+                        f"{backend} pools for Nova")
+    sizes = sorted({page_size, *page_sizes})
+    return HostSettings(backend, page_size, {node: pool.total for node, pool in sorted(pools.items())}, reserve,
+                        offered // MiB, (TRAIT, *(page_trait(size) for size in sizes)))
+
+
+def nova_conf(settings: HostSettings) -> str:
+    """The nova.conf lines for this host."""
+    pools = ", ".join(f"node {node} {format_size(size)}" for node, size in settings.pools.items())
+    lines = [
+        f"# {settings.backend} pools of {format_page_size(settings.page_size)} pages: {pools}",
+    ]
+    if settings.reserve:
+        lines.append(f"# less {format_size(settings.reserve)} kept back ([nova] reserve)")
+    lines += [
+        "[DEFAULT]",
+        "# Nova refuses file-backed memory with any other ratio.",
+        "ram_allocation_ratio = 1.0",
+        "# The host's own RAM is not part of file_backed_memory: nothing of it to reserve.",
+        "reserved_host_memory_mb = 0",
+        "",
+        "[libvirt]",
+        f"file_backed_memory = {settings.file_backed_memory_mb}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def provider_yaml(settings: HostSettings) -> str:
+    """A provider config file (/etc/nova/provider_config/dmem.yaml) giving this compute node the traits.
+
+    Written by hand, not with a YAML library: every scalar is single-quoted, which YAML reads verbatim
+    for the characters a trait or '$COMPUTE_NODE' can hold.
+    """
+    lines = [
+        "meta:",
+        f"  schema_version: '{PROVIDER_SCHEMA_VERSION}'",
+        "providers:",
+        "  - identification:",
+        "      uuid: '$COMPUTE_NODE'",
+        "    traits:",
+        "      additional:",
+    ]
+    lines += [f"        - '{trait}'" for trait in settings.traits]
+    return "\n".join(lines) + "\n"
+
