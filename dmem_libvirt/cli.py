@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="libvirt's hooks directory (default: [libvirt] hooks_dir, /etc/libvirt/hooks)")
     sub.add_parser("reconcile", parents=[common], help="adopt running guests, free what no live guest owns")
     sub.add_parser("check", parents=[common], help="verify the installation; print each finding with its fix")
+    p = sub.add_parser("nova-config", parents=[common],
+                       help="the nova.conf lines and provider config YAML for this host's pools")
+    p.add_argument("--reserve", type=_size, metavar="SIZE",
+                   help="pool memory kept back from Nova (default: [nova] reserve, 0)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--conf", action="store_true", help="print only the nova.conf lines")
+    only.add_argument("--provider-yaml", action="store_true", help="print only the provider config YAML")
     return parser
 
 
@@ -299,6 +306,25 @@ def cmd_check(args: argparse.Namespace, config: config_mod.Config, conn: Connect
     return 0 if all(finding.ok for finding in findings) else 1
 
 
+def cmd_nova_config(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
+                    io: Streams) -> int:
+    from . import nova
+
+    backend = _context(config).backend
+    reserve = config.nova.reserve if args.reserve is None else args.reserve
+    settings = nova.host_settings(backend.name, backend.page_size(), backend.pools(), reserve)
+    if not args.provider_yaml:
+        if not args.conf:
+            io.out("# ---- /etc/nova/nova.conf (merge into its sections) ----")
+        io.stdout.write(nova.nova_conf(settings))
+    if not args.conf:
+        if not args.provider_yaml:
+            io.out("")
+            io.out(f"# ---- {nova.PROVIDER_CONFIG_DIR}/dmem-libvirt.yaml ----")
+        io.stdout.write(nova.provider_yaml(settings))
+    return 0
+
+
 COMMANDS = {
     "rewrite": cmd_rewrite,
     "plan": cmd_plan,
@@ -309,4 +335,5 @@ COMMANDS = {
     "uninstall-hook": cmd_install_hook,
     "reconcile": cmd_reconcile,
     "check": cmd_check,
+    "nova-config": cmd_nova_config,
 }

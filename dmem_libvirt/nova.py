@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
 TRAIT = "CUSTOM_DMEM"
 PROVIDER_SCHEMA_VERSION = "1.0"
+# nova-compute reads every *.yaml here at start-up ([compute] provider_config_location).
+PROVIDER_CONFIG_DIR = "/etc/nova/provider_config"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def nova_conf(settings: HostSettings) -> str:
 
 
 def provider_yaml(settings: HostSettings) -> str:
-    """A provider config file (/etc/nova/provider_config/dmem.yaml) giving this compute node the traits.
+    """A provider config file for PROVIDER_CONFIG_DIR that gives this compute node the traits.
 
     Written by hand, not with a YAML library: every scalar is single-quoted, which YAML reads verbatim
     for the characters a trait or '$COMPUTE_NODE' can hold.
