@@ -1,0 +1,126 @@
+"""Guests shaped as OpenStack Nova defines them, through real `virsh define/start` under the hook.
+
+The domains are tests/data/nova/*.xml (Nova's file-backed memory with <discard/>, its <numatune> memnodes,
+its <nova:instance> metadata), with <domain type> set to what the sandbox runs.  The sandbox's config gets
+``[adopt] file_backed = "admit"`` for these tests and its own setting back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from dmem_libvirt.units import GiB, MiB
+
+from .test_hook_e2e import (
+    assert_all_memory_returned,
+    assert_pinned_and_mapped,
+    domstate,
+    files_on_mount,
+    hook_line,
+    memory_backends,
+    pinned_files,
+    reservations_of,
+    status,
+)
+from sandbox import Sandbox, with_domain_type
+
+NOVA_DATA = Path(__file__).resolve().parent.parent / "data" / "nova"
+CONFIG = "/etc/dmem-libvirt/config.toml"
+FLAT = "instance-0000000a"
+NUMA = "instance-0000000b"
+
+
+def nova_domain(box: Sandbox, file: str, memory: int | None = None) -> str:
+    """Nova's XML for this sandbox: its <domain type>, ``memory`` bytes when given (no NUMA cells), and
+    check='none' on Nova's qemu64 CPU, which libvirt otherwise refuses on this nested host (no svm)."""
+    root = etree.fromstring(with_domain_type((NOVA_DATA / file).read_text(), box.domain_type, memory).encode())
+    root.find("cpu").set("check", "none")
+    return etree.tostring(root, encoding="unicode") + "\n"
+
+
+@pytest.fixture
+def admitting(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """The sandbox with adoption on; every test leaves the pool empty and its Nova guests undefined."""
+    config = sandbox.private(CONFIG)
+    before = config.read_text()
+    config.write_text(before + '\n[adopt]\nfile_backed = "admit"\n')
+    assert_all_memory_returned(sandbox)
+    try:
+        yield sandbox
+    finally:
+        for name in (FLAT, NUMA):
+            sandbox.virsh("destroy", name, check=False)
+            sandbox.virsh("undefine", name, check=False)
+        config.write_text(before)
+    assert_all_memory_returned(sandbox)
+
+
+def test_nova_guest_without_numa_topology_is_admitted_pinned_and_given_back(admitting: Sandbox) -> None:
+    box = admitting
+    box.define(nova_domain(box, "instance-flat.xml"))
+    box.virsh("start", FLAT)
+    [backend] = memory_backends(box, FLAT)
+    assert (backend["qom-type"], Path(backend["mem-path"]).name, backend["size"]) == \
+        ("memory-backend-file", "pc.ram", 128 * MiB)
+    assert list(pinned_files(box, FLAT)) == [backend["mem-path"]]
+    pid = assert_pinned_and_mapped(box, FLAT, 128 * MiB)
+    [dom] = status(box)["domains"]
+    assert (dom["name"], dom["pid"], dom["nova"]) == (FLAT, pid, {"name": "web-1", "flavor": "dmem.micro"})
+    box.virsh("destroy", FLAT)
+    assert_all_memory_returned(box)
+
+
+def test_nova_guest_with_a_numa_topology_is_pinned_on_its_memnode(admitting: Sandbox) -> None:
+    box = admitting
+    box.define(nova_domain(box, "instance-numa.xml"))
+    box.virsh("start", NUMA)
+    [backend] = memory_backends(box, NUMA)
+    assert (Path(backend["mem-path"]).name, backend["host-nodes"], backend["policy"]) == ("ram-node0", [0], "bind")
+    assert_pinned_and_mapped(box, NUMA, 128 * MiB)
+    assert [(r["node"], r["file"]) for r in reservations_of(box, NUMA)] == [(0, "ram-node0")]
+
+
+def test_hard_reboot_destroy_undefine_define_start_keeps_one_reservation_and_leaks_nothing(
+        admitting: Sandbox) -> None:
+    box = admitting
+    xml = nova_domain(box, "instance-numa.xml")
+    box.define(xml)
+    box.virsh("start", NUMA)
+    first = box.qemu_pid(NUMA)
+    # What Nova's hard reboot (and power-on) does to the domain.
+    box.virsh("destroy", NUMA)
+    box.virsh("undefine", NUMA)
+    box.define(xml)
+    box.virsh("start", NUMA)
+    pid = assert_pinned_and_mapped(box, NUMA, 128 * MiB)
+    assert pid != first
+    uuid = etree.fromstring(xml.encode()).findtext("uuid")
+    assert [(r["uuid"], r["file"]) for r in status(box)["reservations"]] == [(uuid, "ram-node0")]
+    assert len(files_on_mount(box)) == 1
+    box.virsh("destroy", NUMA)
+    assert_all_memory_returned(box)
+
+
+def test_nova_guest_beyond_the_pool_is_refused_at_prepare_with_the_line(admitting: Sandbox) -> None:
+    box = admitting
+    box.define(nova_domain(box, "instance-flat.xml", 4 * GiB))
+    refused = box.virsh("start", FLAT, check=False)
+    assert refused.returncode == 1
+    line = hook_line(refused.stderr)
+    assert line.startswith(f"dmem-libvirt: {FLAT}: guest needs 4.0 GiB of 2 MiB dmem pages on ")
+    assert domstate(box, FLAT) == "shut off"
+    assert status(box)["reservations"] == []
+
+
+def test_nova_guest_is_refused_when_adoption_is_off(sandbox: Sandbox) -> None:
+    sandbox.define(nova_domain(sandbox, "instance-flat.xml"))
+    try:
+        refused = sandbox.virsh("start", FLAT, check=False)
+        assert hook_line(refused.stderr) == (f"dmem-libvirt: {FLAT}: memory_backing_dir is on dmemfs; "
+                                             f"run 'dmem-libvirt enable {FLAT}' or use memfd")
+    finally:
+        sandbox.virsh("undefine", FLAT, check=False)
