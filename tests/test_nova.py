@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-from test_hook import PAGE, Call, Rig, live
+from test_hook import PAGE, Call, Rig, live, start_guest
 from test_lifecycle import summary, zero_filled
 
 from dmem_libvirt import config, status
@@ -69,18 +69,6 @@ def set_pool(rig: Rig, node: int, size: int) -> None:
         (debugfs / f"node{node}" / name).write_text(f"{size // PAGE}\n")
         total = int((debugfs / name).read_text())
         (debugfs / name).write_text(f"{total - old + size // PAGE}\n")
-
-
-def start(rig: Rig, name: str, xml: bytes, dom_id: int, pid: int) -> tuple[bytes, Path]:
-    """prepare, start and started as libvirt runs them; QEMU maps what the hook pinned."""
-    running = live(xml, dom_id)
-    assert rig.call(name, "prepare", "begin", running) == Call(0, "", "")
-    directory = rig.domain_dir(name, dom_id)
-    assert rig.call(name, "start", "begin", running) == Call(0, "", "")
-    rig.running(name, running, pid)
-    rig.qemu(pid, sorted(directory.iterdir()))
-    assert rig.call(name, "started", "begin", running) == Call(0, "", "")
-    return running, directory
 
 
 def stop(rig: Rig, name: str, running: bytes, pid: int) -> None:
@@ -177,7 +165,7 @@ def test_flavor_that_is_not_a_whole_number_of_pages_is_refused_with_the_sizes_th
 
 
 def test_discard_is_warned_about_at_admission_only_and_never_refused(admitting: Rig, logged: list[str]) -> None:
-    start(admitting, NUMA, nova_xml(NUMA), 3, 4300)
+    start_guest(admitting, NUMA, nova_xml(NUMA), 3, 4300)
     warnings = [line for line in logged if "<discard/>" in line]
     assert len(warnings) == 1, logged
     assert "frees nothing on dmemfs" in warnings[0] and NUMA in warnings[0]
@@ -191,7 +179,7 @@ def test_admitted_guest_is_pinned_zeroed_verified_and_given_back(admitting: Rig,
     rig = admitting
     set_pool(rig, 1, 0)
     free = rig.free_pages(0)
-    running, directory = start(rig, name, nova_xml(name), 7, 4400)
+    running, directory = start_guest(rig, name, nova_xml(name), 7, 4400)
     pinned = directory / file
     assert pinned.stat().st_size == 128 * MiB
     assert scan_for(pinned, DIRTY_PATTERN) == 0 and zero_filled(pinned)
@@ -208,10 +196,10 @@ def test_hard_reboot_undefine_define_start_keeps_one_reservation_and_leaks_nothi
     set_pool(rig, 1, 0)
     free = rig.free_pages(0)
     xml = nova_xml(NUMA)
-    running, _ = start(rig, NUMA, xml, 7, 4400)
+    running, _ = start_guest(rig, NUMA, xml, 7, 4400)
     # Nova's hard reboot: destroy (stopped, release), undefine, define the same XML, start with a new id.
     stop(rig, NUMA, running, 4400)
-    running, directory = start(rig, NUMA, xml, 8, 4401)
+    running, directory = start_guest(rig, NUMA, xml, 8, 4401)
     entries = rig.reservations()
     assert [(e.uuid, e.file, e.state, e.pid) for e in entries] == [(uuid_of(xml), "ram-node0", "pinned", 4401)]
     assert rig.free_pages(0) == free - 128 * MiB // PAGE
@@ -224,11 +212,11 @@ def test_start_after_a_lost_release_replaces_the_stale_reservation(admitting: Ri
     rig = admitting
     set_pool(rig, 1, 0)
     free = rig.free_pages(0)
-    start(rig, NUMA, nova_xml(NUMA), 7, 4400)
+    start_guest(rig, NUMA, nova_xml(NUMA), 7, 4400)
     # The host lost the release (libvirtd died with the guest): the next start must not double-book.
     rig.qemu_exits(4400)
     rig.stopped(NUMA)
-    start(rig, NUMA, nova_xml(NUMA), 9, 4402)
+    start_guest(rig, NUMA, nova_xml(NUMA), 9, 4402)
     assert [(e.file, e.pid) for e in rig.reservations()] == [("ram-node0", 4402)]
     assert rig.free_pages(0) == free - 128 * MiB // PAGE
 
@@ -257,7 +245,7 @@ def test_reconnect_with_an_empty_ledger_re_adopts_from_numatune_or_where_the_pag
         admitting: Rig, name: str, file: str) -> None:
     rig = admitting
     set_pool(rig, 1, 0)
-    running, directory = start(rig, name, nova_xml(name), 7, 4400)
+    running, directory = start_guest(rig, name, nova_xml(name), 7, 4400)
     numa_maps(rig, 4400, directory / file, 0, 128 * MiB // 4096)
     (rig.config.state.dir / "ledger.json").unlink()
     assert rig.call(name, "reconnect", "begin", running) == Call(0, "", "")
@@ -268,7 +256,7 @@ def test_reconnect_with_an_empty_ledger_re_adopts_from_numatune_or_where_the_pag
 def test_reconcile_adopts_a_running_nova_guest_the_ledger_lost(admitting: Rig) -> None:
     rig = admitting
     set_pool(rig, 1, 0)
-    _, directory = start(rig, FLAT, nova_xml(FLAT), 7, 4400)
+    _, directory = start_guest(rig, FLAT, nova_xml(FLAT), 7, 4400)
     numa_maps(rig, 4400, directory / "pc.ram", 0, 128 * MiB // 4096)
     (rig.config.state.dir / "ledger.json").write_text("{")
     status.reconcile(rig.context())
@@ -302,7 +290,7 @@ def test_admitted_guest_whose_ram_would_not_land_on_the_mount_is_left_to_libvirt
 def test_status_shows_nova_s_instance_name_and_flavor(admitting: Rig) -> None:
     rig = admitting
     set_pool(rig, 1, 0)
-    start(rig, NUMA, nova_xml(NUMA), 7, 4400)
+    start_guest(rig, NUMA, nova_xml(NUMA), 7, 4400)
     assert rig.call(NUMA2, "prepare", "begin", live(with_memnodes(NUMA2, {0: 0, 1: 0}), 8)).code == 0
     data = status.collect(rig.context())
     domains = {d["name"]: d for d in data["domains"]}

@@ -59,29 +59,26 @@ def admitting(sandbox: Sandbox) -> Iterator[Sandbox]:
     assert_all_memory_returned(sandbox)
 
 
-def test_nova_guest_without_numa_topology_is_admitted_pinned_and_given_back(admitting: Sandbox) -> None:
+@pytest.mark.parametrize("name, file, backing, nova", [
+    (FLAT, "instance-flat.xml", {"mem-path": "pc.ram"}, {"name": "web-1", "flavor": "dmem.micro"}),
+    (NUMA, "instance-numa.xml", {"mem-path": "ram-node0", "host-nodes": [0], "policy": "bind"},
+     {"name": "db-1", "flavor": "dmem.micro.numa"}),
+], ids=["no-numa-topology", "memnode"])
+def test_nova_guest_is_admitted_pinned_on_node_0_and_given_back(
+        admitting: Sandbox, name: str, file: str, backing: dict[str, object], nova: dict[str, str]) -> None:
     box = admitting
-    box.define(nova_domain(box, "instance-flat.xml"))
-    box.virsh("start", FLAT)
-    [backend] = memory_backends(box, FLAT)
-    assert (backend["qom-type"], Path(backend["mem-path"]).name, backend["size"]) == \
-        ("memory-backend-file", "pc.ram", 128 * MiB)
-    assert list(pinned_files(box, FLAT)) == [backend["mem-path"]]
-    pid = assert_pinned_and_mapped(box, FLAT, 128 * MiB)
+    box.define(nova_domain(box, file))
+    box.virsh("start", name)
+    [backend] = memory_backends(box, name)
+    assert (backend["qom-type"], backend["size"]) == ("memory-backend-file", 128 * MiB)
+    assert {key: Path(backend[key]).name if key == "mem-path" else backend.get(key) for key in backing} == backing
+    assert list(pinned_files(box, name)) == [backend["mem-path"]]
+    pid = assert_pinned_and_mapped(box, name, 128 * MiB)
+    assert [(r["node"], r["file"]) for r in reservations_of(box, name)] == [(0, backing["mem-path"])]
     [dom] = status(box)["domains"]
-    assert (dom["name"], dom["pid"], dom["nova"]) == (FLAT, pid, {"name": "web-1", "flavor": "dmem.micro"})
-    box.virsh("destroy", FLAT)
+    assert (dom["name"], dom["pid"], dom["nova"]) == (name, pid, nova)
+    box.virsh("destroy", name)
     assert_all_memory_returned(box)
-
-
-def test_nova_guest_with_a_numa_topology_is_pinned_on_its_memnode(admitting: Sandbox) -> None:
-    box = admitting
-    box.define(nova_domain(box, "instance-numa.xml"))
-    box.virsh("start", NUMA)
-    [backend] = memory_backends(box, NUMA)
-    assert (Path(backend["mem-path"]).name, backend["host-nodes"], backend["policy"]) == ("ram-node0", [0], "bind")
-    assert_pinned_and_mapped(box, NUMA, 128 * MiB)
-    assert [(r["node"], r["file"]) for r in reservations_of(box, NUMA)] == [(0, "ram-node0")]
 
 
 def test_hard_reboot_destroy_undefine_define_start_keeps_one_reservation_and_leaks_nothing(
