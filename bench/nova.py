@@ -1,0 +1,133 @@
+"""Adoption cost: ``prepare begin`` of a Nova-defined guest against the same guest enabled with metadata.
+
+Run: ``.venv/bin/python bench/nova.py [--reps 200] [--guests 50]``.  In-process calls of ``hook.main`` (the
+interpreter start, the same for both, is bench/hook.py's subject) on a fake two-node dmemfs host
+(tests/fakehost.py) whose ledger holds ``--guests`` other guests' reservations.  The baseline is the guest as
+`dmem-libvirt enable` writes it (cell 0 on node 0); the case is Nova's XML of the same guest
+(tests/data/nova/instance-numa.xml: file-backed, <numatune> memnode on node 0, <nova:instance> metadata),
+admitted with ``[adopt] file_backed = "admit"``.  Each call is followed by an untimed ``release end``; the two
+run interleaved, one call of each in turn, and are reported as medians, spread (p10-p90) and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+from lxml import etree
+
+from dmem_libvirt import hook
+from dmem_libvirt.config import AdoptConfig, Config
+from dmem_libvirt.define import plan
+from dmem_libvirt.lifecycle import HookContext
+from dmem_libvirt.units import GiB, MiB
+
+REPO = Path(__file__).resolve().parent.parent
+NOVA_XML = REPO / "tests" / "data" / "nova" / "instance-numa.xml"
+PAGE = 2 * MiB
+
+
+def load_fakehost() -> ModuleType:
+    path = REPO / "tests" / "fakehost.py"
+    spec = importlib.util.spec_from_file_location("fakehost", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def enabled_twin(nova: bytes) -> bytes:
+    """The same guest as a user would enable it: Nova's metadata and memory backing gone, our rewrite applied."""
+    root = etree.fromstring(nova)
+    for path in ("metadata", "memoryBacking", "numatune"):
+        element = root.find(path)
+        if element is not None:
+            root.remove(element)
+    for element in root.iterfind("uuid"):
+        element.text = str(uuid.uuid4())
+    return plan(etree.tostring(root), page_size=PAGE, rooms=None, nodes=[0]).rewritten
+
+
+def call(ctx: HookContext, name: str, operation: str, subop: str, xml: bytes) -> None:
+    err = io.StringIO()
+    code = hook.main(["hook", name, operation, subop, "-"], io.BytesIO(xml), io.StringIO(), err, context=ctx)
+    if code != 0:
+        raise SystemExit(f"{name} {operation}: exit {code}: {err.getvalue()}")
+
+
+def timed(ctx: HookContext, name: str, xml: bytes) -> Callable[[], float]:
+    """One timed prepare, then an untimed release; checks first that prepare really books the guest."""
+    call(ctx, name, "prepare", "begin", xml)
+    if not any(entry.domain == name for entry in ctx.ledger.read()):
+        raise SystemExit(f"{name}: prepare admitted nothing; the comparison would be meaningless")
+    call(ctx, name, "release", "end", xml)
+
+    def once() -> float:
+        start = time.perf_counter()
+        call(ctx, name, "prepare", "begin", xml)
+        elapsed = time.perf_counter() - start
+        call(ctx, name, "release", "end", xml)
+        return elapsed * 1000
+    return once
+
+
+def occupy(ctx: HookContext, guests: int) -> None:
+    """Reservations of ``guests`` other guests, 256 MiB on each node, recorded as prepare would."""
+    for index in range(guests):
+        xml = plan(f"""<domain type="kvm"><name>other{index:03d}</name><uuid>{uuid.uuid4()}</uuid>
+  <memory unit="KiB">{512 * 1024}</memory><vcpu>2</vcpu><os><type arch="x86_64">hvm</type></os>
+  <cpu><numa><cell id="0" cpus="0" memory="{256 * 1024}" unit="KiB"/>
+  <cell id="1" cpus="1" memory="{256 * 1024}" unit="KiB"/></numa></cpu></domain>""",
+                   page_size=PAGE, rooms=None, nodes=[0, 1]).rewritten
+        call(ctx, f"other{index:03d}", "prepare", "begin", xml)
+
+
+def spread(samples: list[float]) -> str:
+    deciles = statistics.quantiles(samples, n=10)
+    return f"{deciles[0]:.2f}-{deciles[-1]:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--guests", type=int, default=50)
+    args = parser.parse_args(argv)
+    fakehost = load_fakehost()
+    with tempfile.TemporaryDirectory(prefix="dmem-nova-bench-") as scratch:
+        nodes = {n: fakehost.FakeNode(cpus=[n], dmem_total=64 * GiB) for n in (0, 1)}
+        config: Config = fakehost.make_host(Path(scratch), nodes)
+        config = replace(config, adopt=AdoptConfig(file_backed="admit"))
+        ctx = HookContext.create(config)
+        occupy(ctx, args.guests)
+        nova = NOVA_XML.read_bytes()
+        cases = {"enabled (our metadata)": timed(ctx, "enabled01", enabled_twin(nova)),
+                 "adopted (Nova's XML)": timed(ctx, "instance-0000000b", nova)}
+        samples: dict[str, list[float]] = {label: [] for label in cases}
+        for rep in range(args.reps + 10):
+            for label, once in cases.items():
+                value = once()
+                if rep >= 10:
+                    samples[label].append(value)
+    base = statistics.median(samples["enabled (our metadata)"])
+    print(f"prepare begin, in process, {args.guests} other guests in the ledger, {args.reps} interleaved calls each")
+    print(f"{'case':<28} {'median ms':>10} {'p10-p90 ms':>12} {'ratio':>6}")
+    for label, values in samples.items():
+        median = statistics.median(values)
+        print(f"{label:<28} {median:10.2f} {spread(values):>12} {median / base:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
