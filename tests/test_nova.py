@@ -231,6 +231,16 @@ def test_start_without_prepare_admits_on_the_node_it_chooses(admitting: Rig) -> 
     assert (directory / "pc.ram").stat().st_size == 128 * MiB
 
 
+@pytest.mark.parametrize("operation", ["migrate", "restore"])
+def test_incoming_nova_guest_is_left_as_nova_wrote_it_and_admitted_at_prepare(admitting: Rig, operation: str) -> None:
+    # Nova rewrites <numatune> for the destination itself; the hook must not print a changed XML.
+    xml = live(with_memnodes(NUMA2, {0: 1, 1: 0}), 5)
+    assert admitting.call(NUMA2, operation, "begin", xml) == Call(0, "", "")
+    assert admitting.reservations() == []
+    assert admitting.call(NUMA2, "prepare", "begin", xml) == Call(0, "", "")
+    assert sorted((e.file, e.node) for e in admitting.reservations()) == [("ram-node0", 1), ("ram-node1", 0)]
+
+
 # ---- admitted: re-adoption after a daemon restart or a lost ledger -----------------------------------------
 
 
