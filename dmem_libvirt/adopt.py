@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import log, procmaps, runtime
@@ -25,7 +24,6 @@ from .domain import (
     aligned_sizes,
     hole_punch_warnings,
     parse_cpuset,
-    unsupported,
 )
 from .errors import DmemError, DomainXMLError
 from .units import format_page_size
@@ -103,7 +101,7 @@ def adopt(ctx: HookContext, root: Element, dom: DomainMemory, *, operation: str,
     """
     name = dom.name
     page_size = ctx.backend.page_size()
-    reason = unsupported(dom, page_size, backend=ctx.backend.name)
+    reason = ctx.backend.unsupported(dom, page_size)
     if reason:
         raise DomainXMLError(reason, name)
     _check_page_multiples(dom, page_size)
@@ -156,9 +154,9 @@ def _ledger_nodes(ctx: HookContext, dom: DomainMemory) -> dict[str, int]:
 
 def _resident_node(ctx: HookContext, name: str, dom_id: str | None, pid: int, file: str) -> int | None:
     """The host node holding most of the pages QEMU ``pid`` maps from the guest's file ``file``."""
-    for directory in runtime.domain_dir_candidates(ctx.host.memory_backing_dir(), name, dom_id):
-        path = Path(os.path.realpath(directory / file))
-        counts = procmaps.resident_nodes(ctx.proc, pid, path)
-        if counts:
-            return max(sorted(counts), key=lambda node: counts[node])
+    paths = {os.path.realpath(directory / file)
+             for directory in runtime.domain_dir_candidates(ctx.host.memory_backing_dir(), name, dom_id)}
+    for mapping in procmaps.numa_mappings(ctx.proc, pid):
+        if mapping.file in paths and mapping.pages:
+            return max(sorted(mapping.pages), key=lambda node: mapping.pages[node])
     return None

@@ -153,10 +153,10 @@ def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
     dom = read_domain(domxml.parse(xml).getroot())
     try:
         ctx = _context(config)
-        page = page_size or ctx.backend.page_size()
+        page = page_size or ctx.backend.page_size_for(dom)
         rooms: list[NodeRoom] | None
         try:
-            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid)
+            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid, page_size=page)
         except HostError as err:
             if not args.nodes:
                 raise HostError(f"{err.message}; or give the host nodes with --nodes") from None

@@ -19,8 +19,8 @@ from .errors import DmemError
 from .units import MiB, format_page_size, format_size
 
 if TYPE_CHECKING:
+    from .backends import Pool
     from .domain import Element
-    from .host import DmemPool
 
 NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
 TRAIT = "CUSTOM_DMEM"
@@ -90,7 +90,7 @@ def page_trait(page_size: int) -> str:
     return f"{TRAIT}_PAGE_{size.removesuffix('IB')}B"
 
 
-def host_settings(backend: str, page_size: int, pools: Mapping[int, DmemPool], reserve: int,
+def host_settings(backend: str, page_size: int, pools: Mapping[int, Pool], reserve: int,
                   page_sizes: Iterable[int] = ()) -> HostSettings:
     """Nova's view of the pools: their total less ``reserve``, in whole MiB; one trait per page size."""
     total = sum(pool.total for pool in pools.values())
