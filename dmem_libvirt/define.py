@@ -27,6 +27,7 @@ class Plan:
     rewritten: bytes
     warnings: tuple[str, ...]
     encoding: str = "UTF-8"          # of ``original`` and ``rewritten``, as the document declares it
+    kind: str = "dmem"               # how the pages are named: "dmem", or "huge" on hugetlbfs
 
     @property
     def changed(self) -> bool:
@@ -85,7 +86,7 @@ def plan(xml: bytes | str, *, page_size: int, rooms: Sequence[NodeRoom] | None, 
     warnings = domxml.rewrite(tree, placement, page_size, backend=backend, round_up=round_up)
     return Plan(name=name, page_size=page_size, needs=tuple(needs), rooms=tuple(rooms or ()),
                 placement=dict(placement), original=original, rewritten=domxml.serialize(tree),
-                warnings=tuple(warnings), encoding=tree.docinfo.encoding or "UTF-8")
+                warnings=tuple(warnings), encoding=tree.docinfo.encoding or "UTF-8", kind=kind)
 
 
 def undo(xml: bytes | str) -> tuple[str, bytes | None]:

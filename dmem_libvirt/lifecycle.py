@@ -170,7 +170,7 @@ def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str)
         if entry.state == "pinned":
             ctx.backend.released(entry.node, entry.bytes)
     _log_reservations(action, entries)
-    ctx.backend.give_back(ctx, book)
+    ctx.backend.give_back(ctx, book, entries)
 
 
 def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:

@@ -58,6 +58,9 @@ def collect(ctx: HookContext) -> dict[str, Any]:
             for e in sorted(reservations, key=lambda e: (e.domain, e.file))
         ],
         "domains": sorted(domains.values(), key=lambda d: d["name"]),
+        # Pages the tool added to the kernel's pools and has not given back (hugetlbfs).
+        "grown": [{"node": node, "page_size": size, "pages": pages}
+                  for (node, size), pages in sorted(ctx.ledger.read_grown().items())],
         "struct_page_saved": saved.bytes,
         "struct_page_saved_measured": saved.measured,
         "struct_page_saved_how": saved.how,
@@ -87,6 +90,9 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no domain holds reserved memory")
     lines.append("")
+    for grown in status["grown"]:
+        lines.append(f"node {grown['node']}: {grown['pages']} pages of {format_page_size(grown['page_size'])} "
+                     "added to the pool by dmem-libvirt")
     how = "measured" if status["struct_page_saved_measured"] else "computed"
     lines.append(f"struct page memory saved: {format_size(status['struct_page_saved'])} "
                  f"({how}: {status['struct_page_saved_how']})")

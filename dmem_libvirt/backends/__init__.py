@@ -108,8 +108,8 @@ class Backend(Protocol):
               entries: Sequence[Reservation]) -> list[Reservation]:
         """Entries of a guest found running (reconnect, rebuild), marked as far as the host shows them."""
 
-    def give_back(self, ctx: HookContext, book: Book) -> None:
-        """After entries left ``book``: return to the kernel what this backend took for them; never raises."""
+    def give_back(self, ctx: HookContext, book: Book, dropped: Sequence[Reservation]) -> None:
+        """After ``dropped`` left ``book``: return to the kernel what this backend took; never raises."""
 
     def fill(self) -> Callable[[int, int], None] | None:
         """What freshly allocated pages hold before the hook zeroes them (None: whatever the kernel left)."""

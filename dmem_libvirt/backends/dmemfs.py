@@ -189,7 +189,7 @@ class DmemfsBackend:
 
         return files_on_mount(ctx, name, dom_id, entries)
 
-    def give_back(self, ctx: HookContext, book: Book) -> None:
+    def give_back(self, ctx: HookContext, book: Book, dropped: Sequence[Reservation]) -> None:
         return None
 
     def fill(self) -> Callable[[int, int], None] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -44,6 +45,8 @@ HUGETLBFS_MAGIC = 0x958458F6
 BASE_PAGE = 4096
 STRUCT_PAGE_BYTES = 64
 HVO_SYSCTL = "vm.hugetlb_optimize_vmemmap"
+# Seconds release waits for the pages of a guest that just stopped to reach the free count.
+RETURN_WAIT = 2.0
 
 
 def hvo_saving(page_size: int) -> int:
@@ -321,13 +324,13 @@ class HugetlbfsBackend:
             return [replace(entry, state="pinned") for entry in entries]
         return list(entries)
 
-    def give_back(self, ctx: HookContext, book: Book) -> None:
+    def give_back(self, ctx: HookContext, book: Book, dropped: Sequence[Reservation]) -> None:
         """Shrink each pool the tool grew by its pages that are free and that no starting guest needs."""
         for (node, page_size), grown in sorted(book.grown.items()):
             try:
-                nr, free = self.counts(node, page_size)
-                in_flight = sum(r.bytes for r in _in_flight(book.reservations, page_size) if r.node == node)
-                spare = free - _pages(in_flight + self._foreign_reserved(book.reservations, page_size), page_size)
+                returning = sum(_pages(e.bytes, page_size) for e in dropped
+                                if e.node == node and e.page_size == page_size and e.state == "pinned")
+                nr, spare = self._spare(book, node, page_size, min(grown, returning))
                 give = min(grown, spare, nr)
                 if give <= 0:
                     continue
@@ -336,6 +339,21 @@ class HugetlbfsBackend:
                 log.event("pool-shrunk", None, node=node, page_size=page_size, pages=freed, nr=nr - freed)
             except (DmemError, OSError) as err:
                 log.warning(f"cannot give back host node {node}'s {format_page_size(page_size)} pages: {err}")
+
+    def _spare(self, book: Book, node: int, page_size: int, expected: int) -> tuple[int, int]:
+        """(nr, free pages no in-flight guest needs), waiting briefly for ``expected`` pages to come back.
+
+        libvirt runs release once QEMU is gone, but the last reference to its hugetlbfs file (and so its
+        pages) may be dropped a moment later, outside the exiting process.
+        """
+        deadline = time.monotonic() + RETURN_WAIT
+        while True:
+            nr, free = self.counts(node, page_size)
+            in_flight = sum(r.bytes for r in _in_flight(book.reservations, page_size) if r.node == node)
+            spare = free - _pages(in_flight + self._foreign_reserved(book.reservations, page_size), page_size)
+            if spare >= expected or time.monotonic() >= deadline:
+                return nr, spare
+            time.sleep(0.02)
 
     def fill(self) -> Callable[[int, int], None] | None:
         return None
