@@ -64,11 +64,15 @@ def read_numatune(root: Element) -> NumaTune:
 
 
 def wanted(ctx: HookContext, dom: DomainMemory) -> bool:
-    """True when the configuration admits this guest and its RAM would land on our backend."""
+    """True when the configuration admits this guest and its RAM would land on our backend: a file-backed
+    guest whose memory_backing_dir is on the backend's mount, or a <hugepages> guest under hugetlbfs."""
     from .lifecycle import backing_dir_on_backend
 
-    return (dom.metadata is None and dom.file_backed and ctx.config.adopt.file_backed == "admit"
-            and backing_dir_on_backend(ctx))
+    if dom.metadata is not None:
+        return False
+    if dom.file_backed:
+        return ctx.config.adopt.file_backed == "admit" and backing_dir_on_backend(ctx)
+    return dom.hugepages and ctx.config.adopt.hugepages == "admit" and ctx.backend.name == "hugetlbfs"
 
 
 def for_operation(ctx: HookContext, root: Element, dom: DomainMemory, operation: str) -> DomainMemory:
@@ -100,7 +104,7 @@ def adopt(ctx: HookContext, root: Element, dom: DomainMemory, *, operation: str,
     left to admission.
     """
     name = dom.name
-    page_size = ctx.backend.page_size()
+    page_size = _page_size(ctx, dom)
     reason = ctx.backend.unsupported(dom, page_size)
     if reason:
         raise DomainXMLError(reason, name)
@@ -129,6 +133,19 @@ def adopt(ctx: HookContext, root: Element, dom: DomainMemory, *, operation: str,
     return replace(dom, metadata=metadata)
 
 
+def _page_size(ctx: HookContext, dom: DomainMemory) -> int:
+    """The backend's page size; a <hugepages> guest's own (Nova's hw:mem_page_size), which the host must have."""
+    if not dom.hugepages:
+        return ctx.backend.page_size()
+    size = dom.hugepage_size or ctx.backend.page_size()
+    sizes = ctx.backend.page_sizes()
+    if size not in sizes:
+        have = " or ".join(format_page_size(s) for s in sizes) or "no"
+        raise DomainXMLError(f"asks for {format_page_size(size)} huge pages; libvirt's hugetlbfs mounts on this "
+                             f"host have {have} pages", dom.name)
+    return size
+
+
 def _check_page_multiples(dom: DomainMemory, page_size: int) -> None:
     named = [f"guest cell {cell.id}" for cell in dom.cells] or ["<memory>"]
     actual = [cell.size for cell in dom.cells] or [dom.memory]
@@ -153,10 +170,12 @@ def _ledger_nodes(ctx: HookContext, dom: DomainMemory) -> dict[str, int]:
 
 
 def _resident_node(ctx: HookContext, name: str, dom_id: str | None, pid: int, file: str) -> int | None:
-    """The host node holding most of the pages QEMU ``pid`` maps from the guest's file ``file``."""
+    """The host node holding most of the pages QEMU ``pid`` maps for the guest's memory backend ``file``."""
     paths = {os.path.realpath(directory / file)
              for directory in runtime.domain_dir_candidates(ctx.host.memory_backing_dir(), name, dom_id)}
+    # On hugetlbfs QEMU maps a file it made and unlinked: qemu_back_mem.<memory backend id>.XXXXXX.
+    marker = f"/qemu_back_mem.{file}."
     for mapping in procmaps.numa_mappings(ctx.proc, pid):
-        if mapping.file in paths and mapping.pages:
+        if (mapping.file in paths or marker in mapping.file) and mapping.pages:
             return max(sorted(mapping.pages), key=lambda node: mapping.pages[node])
     return None

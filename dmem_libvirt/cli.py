@@ -312,7 +312,7 @@ def cmd_nova_config(args: argparse.Namespace, config: config_mod.Config, conn: C
 
     backend = _context(config).backend
     reserve = config.nova.reserve if args.reserve is None else args.reserve
-    settings = nova.host_settings(backend.name, backend.page_size(), backend.pools(), reserve)
+    settings = nova.host_settings(backend, reserve)
     if not args.provider_yaml:
         if not args.conf:
             io.out("# ---- /etc/nova/nova.conf (merge into its sections) ----")

@@ -74,7 +74,8 @@ class PinConfig:
     threads: int = 0
 
 
-ADOPT_MODES = ("refuse", "admit")
+# Guests without our metadata, per kind: what the hook does today first, then "admit".
+ADOPT_MODES = {"file_backed": ("refuse", "admit"), "hugepages": ("ignore", "admit")}
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class AdoptConfig:
     # File-backed guests without our metadata whose RAM lands on the backend (as OpenStack Nova defines
     # them): "refuse" them at prepare, or "admit" them through the same lifecycle as ours.
     file_backed: str = "refuse"
+    # <hugepages> guests without our metadata (Nova's hw:mem_page_size) under the hugetlbfs backend:
+    # "ignore" them (libvirt and QEMU alone find out whether the pool suffices), or "admit" them.
+    hugepages: str = "ignore"
 
 
 @dataclass(frozen=True)
@@ -200,9 +204,9 @@ def _convert(section: str, key: str, value: Any) -> Any:
         if value not in BACKENDS:
             raise ValueError(f"{value!r} is not a backend; expected one of {', '.join(BACKENDS)}")
         return value
-    if section == "adopt" and key == "file_backed":
-        if value not in ADOPT_MODES:
-            raise ValueError(f"expected one of {', '.join(repr(m) for m in ADOPT_MODES)}, got {value!r}")
+    if section == "adopt":
+        if value not in ADOPT_MODES[key]:
+            raise ValueError(f"expected one of {', '.join(repr(m) for m in ADOPT_MODES[key])}, got {value!r}")
         return value
     if key in ("emulate",):
         if not isinstance(value, bool):

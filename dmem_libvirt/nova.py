@@ -9,7 +9,7 @@ file_backed_memory`` as the host's MEMORY_MB and requires ``ram_allocation_ratio
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +19,7 @@ from .errors import DmemError
 from .units import MiB, format_page_size, format_size
 
 if TYPE_CHECKING:
-    from .backends import Pool
+    from .backends import Backend
     from .domain import Element
 
 NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
@@ -77,10 +77,9 @@ class HostSettings:
     """What Nova must be told about this host."""
 
     backend: str
-    page_size: int
-    pools: Mapping[int, int]            # node -> pool bytes
-    reserve: int                        # pool bytes kept back from Nova
-    file_backed_memory_mb: int
+    pools: Mapping[int, Mapping[int, int]]   # page size -> node -> pool bytes
+    reserve: int                             # pool bytes kept back from Nova
+    file_backed_memory_mb: int               # 0: Nova's file-backed memory stays off (hugetlbfs)
     traits: tuple[str, ...]
 
 
@@ -90,27 +89,42 @@ def page_trait(page_size: int) -> str:
     return f"{TRAIT}_PAGE_{size.removesuffix('IB')}B"
 
 
-def host_settings(backend: str, page_size: int, pools: Mapping[int, Pool], reserve: int,
-                  page_sizes: Iterable[int] = ()) -> HostSettings:
-    """Nova's view of the pools: their total less ``reserve``, in whole MiB; one trait per page size."""
-    total = sum(pool.total for pool in pools.values())
+def host_settings(backend: Backend, reserve: int) -> HostSettings:
+    """Nova's view of the backend's pools; one trait per page size.
+
+    On dmemfs the pools' total less ``reserve``, in whole MiB, is Nova's file-backed memory.  On hugetlbfs
+    Nova keeps file-backed memory off (it refuses huge pages with it) and counts the pools itself.
+    """
+    sizes = sorted(backend.page_sizes())
+    pools = {size: {node: pool.total for node, pool in sorted(backend.pools(size).items())} for size in sizes}
+    traits = (TRAIT, *(page_trait(size) for size in sizes))
+    if backend.name == "hugetlbfs":
+        return HostSettings(backend.name, pools, 0, 0, traits)
+    total = sum(sum(nodes.values()) for nodes in pools.values())
     if total <= 0:
-        raise DmemError(f"the {backend} pools are empty: nothing to offer Nova")
+        raise DmemError(f"the {backend.name} pools are empty: nothing to offer Nova")
     offered = total - reserve
     if offered < MiB:
         raise DmemError(f"[nova] reserve {format_size(reserve)} leaves nothing of the {format_size(total)} "
-                        f"{backend} pools for Nova")
-    sizes = sorted({page_size, *page_sizes})
-    return HostSettings(backend, page_size, {node: pool.total for node, pool in sorted(pools.items())}, reserve,
-                        offered // MiB, (TRAIT, *(page_trait(size) for size in sizes)))
+                        f"{backend.name} pools for Nova")
+    return HostSettings(backend.name, pools, reserve, offered // MiB, traits)
 
 
 def nova_conf(settings: HostSettings) -> str:
     """The nova.conf lines for this host."""
-    pools = ", ".join(f"node {node} {format_size(size)}" for node, size in settings.pools.items())
-    lines = [
-        f"# {settings.backend} pools of {format_page_size(settings.page_size)} pages: {pools}",
-    ]
+    lines = [f"# {settings.backend} pools of {format_page_size(size)} pages: "
+             + ", ".join(f"node {node} {format_size(total)}" for node, total in nodes.items())
+             for size, nodes in settings.pools.items()]
+    if not settings.file_backed_memory_mb:
+        return "\n".join([
+            *lines,
+            "# Nova places hw:mem_page_size guests against each node's pool as libvirt reports it when",
+            "# nova-compute starts: allocate the pools at boot; growth within [hugetlbfs.limit] is invisible",
+            "# to Nova's NUMATopologyFilter.",
+            "[libvirt]",
+            "# Nova refuses huge pages together with file-backed memory.",
+            "file_backed_memory = 0",
+        ]) + "\n"
     if settings.reserve:
         lines.append(f"# less {format_size(settings.reserve)} kept back ([nova] reserve)")
     lines += [

@@ -13,12 +13,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fakehuge import context as fakehuge_context
+from fakehuge import make_huge_host, pool, use
 from lxml import etree
+from test_backend_hugetlbfs import call as huge_call
+from test_backend_hugetlbfs import qemu as qemu_maps
+from test_backend_hugetlbfs import ram
 from test_hook import PAGE, Call, Rig, live, start_guest
 from test_lifecycle import summary, zero_filled
 
 from dmem_libvirt import config, status
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
+from dmem_libvirt.lifecycle import HookContext
 from dmem_libvirt.pin import scan_for
 from dmem_libvirt.units import MiB
 
@@ -96,13 +102,14 @@ def test_nova_guest_is_refused_by_default_as_any_file_backed_guest_without_metad
     assert rig.reservations() == []
 
 
-def test_adopt_setting_accepts_refuse_and_admit_only(tmp_path: Path) -> None:
-    assert config.parse({"adopt": {"file_backed": "admit"}}).adopt.file_backed == "admit"
-    assert config.parse({}).adopt.file_backed == "refuse"
+@pytest.mark.parametrize("key, today", [("file_backed", "refuse"), ("hugepages", "ignore")])
+def test_adopt_settings_default_to_today_s_behaviour_and_accept_admit(tmp_path: Path, key: str, today: str) -> None:
+    assert getattr(config.parse({}).adopt, key) == today
+    assert getattr(config.parse({"adopt": {key: "admit"}}).adopt, key) == "admit"
     with pytest.raises(config.ConfigError) as caught:
-        config.parse({"adopt": {"file_backed": "yes"}}, source=tmp_path / "c.toml")
-    assert caught.value.line() == (f"dmem-libvirt: bad value for [adopt] file_backed in {tmp_path / 'c.toml'}: "
-                                   "expected one of 'refuse', 'admit', got 'yes'")
+        config.parse({"adopt": {key: "yes"}}, source=tmp_path / "c.toml")
+    assert caught.value.line() == (f"dmem-libvirt: bad value for [adopt] {key} in {tmp_path / 'c.toml'}: "
+                                   f"expected one of '{today}', 'admit', got 'yes'")
 
 
 # ---- admitted: placement -------------------------------------------------------------------------------
@@ -309,3 +316,102 @@ def test_status_shows_nova_s_instance_name_and_flavor(admitting: Rig) -> None:
     assert domains[NUMA2]["nova"] is None
     row = next(line for line in status.render(data).splitlines() if line.startswith(NUMA + " "))
     assert row.endswith("4400    db-1 (dmem.micro.numa)")
+
+
+# ---- Nova's hugepages guests under the hugetlbfs backend ----------------------------------------------
+
+
+def hugepages_numa2(nodes: dict[int, int]) -> bytes:
+    """Nova's XML for hw:numa_nodes=2 with hw:mem_page_size=2MB: one <page> per guest cell, memnodes to ``nodes``."""
+    root = etree.fromstring(with_memnodes(NUMA2, nodes))
+    backing = root.find("memoryBacking")
+    for child in list(backing):
+        backing.remove(child)
+    pages = etree.SubElement(backing, "hugepages")
+    for cell in (0, 1):
+        etree.SubElement(pages, "page", size="2048", nodeset=str(cell), unit="KiB")
+    for cell in root.iterfind("cpu/numa/cell"):
+        cell.set("memAccess", "shared")
+    return etree.tostring(root)
+
+
+def huge_host(tmp_path: Path, admit: bool = True, **pools: tuple[int, int]) -> tuple[config.Config, HookContext]:
+    """Two nodes with 2 MiB and 1 GiB hugetlbfs mounts, empty pools that may grow to 256 MiB each."""
+    made = make_huge_host(tmp_path, 2, limit={0: "256M", 1: "256M"}, mounted=(PAGE,))
+    if admit:
+        made = replace(made, adopt=config.AdoptConfig(hugepages="admit"))
+    return made, fakehuge_context(made)
+
+
+def huge_start(ctx: HookContext, made: config.Config, name: str, xml: bytes, cells: dict[int, int],
+               pid: int = 4500) -> None:
+    """prepare, start and started; QEMU faults each cell's pages on its node (``cells``: cell -> node)."""
+    assert huge_call(ctx, name, "prepare", "begin", xml) == Call(0, "", "")
+    assert huge_call(ctx, name, "start", "begin", xml) == Call(0, "", "")
+    pages = 128 * MiB // len(cells) // PAGE
+    for node in cells.values():
+        use(made, node, pages)
+    qemu_maps(made, name, pid, [ram(f"ram-node{cell}", node, pages) for cell, node in cells.items()])
+    assert huge_call(ctx, name, "started", "begin", xml) == Call(0, "", "")
+
+
+def test_nova_hugepages_guest_is_admitted_with_its_page_size_grown_for_verified_and_given_back(
+        tmp_path: Path) -> None:
+    made, ctx = huge_host(tmp_path)
+    xml = live(nova_xml(HUGE), 5)
+    huge_start(ctx, made, HUGE, xml, {0: 0})
+    assert [(e.file, e.node, e.bytes, e.page_size, e.backend, e.state, e.pid) for e in ctx.ledger.read()] == [
+        ("ram-node0", 0, 128 * MiB, PAGE, "hugetlbfs", "pinned", 4500)]
+    assert pool(made, 0) == (64, 0) and pool(made, 1) == (0, 0)
+    use(made, 0, -64)
+    assert huge_call(ctx, HUGE, "release", "end", xml) == Call(0, "", "")
+    assert ctx.ledger.read() == [] and pool(made, 0) == (0, 0)
+
+
+def test_nova_hugepages_guest_cells_go_where_its_memnodes_say(tmp_path: Path) -> None:
+    made, ctx = huge_host(tmp_path)
+    xml = live(hugepages_numa2({0: 1, 1: 0}), 5)
+    huge_start(ctx, made, NUMA2, xml, {0: 1, 1: 0})
+    assert sorted((e.file, e.node, e.bytes) for e in ctx.ledger.read()) == [
+        ("ram-node0", 1, 64 * MiB), ("ram-node1", 0, 64 * MiB)]
+    assert pool(made, 0) == (32, 0) and pool(made, 1) == (32, 0)
+
+
+def test_nova_hugepages_guest_beyond_the_nodes_limit_is_refused_at_prepare_with_the_line(tmp_path: Path) -> None:
+    made, ctx = huge_host(tmp_path)
+    big = live(nova_xml(HUGE, **{"<memory>131072</memory>": "<memory>524288</memory>",
+                                 'memory="131072" memAccess': 'memory="524288" memAccess'}), 5)
+    result = huge_call(ctx, HUGE, "prepare", "begin", big)
+    assert result.code == 1
+    assert result.stderr.startswith(f"dmem-libvirt: {HUGE}: guest cell 0 needs 512.0 MiB of 2 MiB huge pages "
+                                    "on host node 0")
+    assert result.stderr.count("\n") == 1
+    assert ctx.ledger.read() == [] and pool(made, 0) == (0, 0)
+
+
+def test_nova_hugepages_guest_of_a_page_size_the_host_does_not_mount_is_refused(tmp_path: Path) -> None:
+    _, ctx = huge_host(tmp_path)
+    gib = live(nova_xml(HUGE, **{'<page size="2048"': '<page size="1048576"',
+                                 "<memory>131072</memory>": "<memory>1048576</memory>",
+                                 'memory="131072" memAccess': 'memory="1048576" memAccess'}), 5)
+    assert huge_call(ctx, HUGE, "prepare", "begin", gib) == Call(
+        1, "", f"dmem-libvirt: {HUGE}: asks for 1 GiB huge pages; libvirt's hugetlbfs mounts on this host have "
+               "2 MiB pages\n")
+
+
+def test_nova_hugepages_guests_are_left_to_libvirt_unless_admitted(tmp_path: Path) -> None:
+    made, ctx = huge_host(tmp_path, admit=False)
+    xml = live(nova_xml(HUGE), 5)
+    for operation, subop in [("prepare", "begin"), ("start", "begin"), ("started", "begin"),
+                             ("release", "end"), ("reconnect", "begin")]:
+        assert huge_call(ctx, HUGE, operation, subop, xml) == Call(0, "", ""), operation
+    assert not made.state.dir.joinpath("ledger.json").exists() and pool(made, 0) == (0, 0)
+
+
+def test_reconnect_of_a_running_nova_hugepages_guest_re_adopts_it_on_its_node(tmp_path: Path) -> None:
+    made, ctx = huge_host(tmp_path)
+    xml = live(nova_xml(HUGE), 5)
+    huge_start(ctx, made, HUGE, xml, {0: 0})
+    made.state.dir.joinpath("ledger.json").unlink()
+    assert huge_call(ctx, HUGE, "reconnect", "begin", xml) == Call(0, "", "")
+    assert [(e.file, e.node, e.state, e.pid) for e in ctx.ledger.read()] == [("ram-node0", 0, "pinned", 4500)]

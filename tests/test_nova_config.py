@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 import yaml
 from fakehost import FakeNode, make_host
+from fakehuge import make_huge_host
 
 from dmem_libvirt import cli
 from dmem_libvirt.units import GiB, MiB
@@ -116,3 +117,20 @@ def test_page_size_trait_follows_the_pool(tmp_path: Path) -> None:
     assert config.source is not None
     _, out, _ = nova_config(config.source, "--provider-yaml")
     assert yaml.safe_load(out)["providers"][0]["traits"]["additional"] == ["CUSTOM_DMEM", "CUSTOM_DMEM_PAGE_4KB"]
+
+
+def test_hugetlbfs_host_keeps_file_backed_memory_off_and_gets_a_trait_per_mounted_page_size(tmp_path: Path) -> None:
+    config = make_huge_host(tmp_path, 2, pools={(0, 2 * MiB): (64, 64), (1, GiB): (2, 2)})
+    assert config.source is not None
+    code, out, err = nova_config(config.source)
+    assert (code, err) == (0, "")
+    conf_part, _, yaml_part = out.partition("# ---- /etc/nova/provider_config/dmem-libvirt.yaml ----\n")
+    conf = conf_of(conf_part)
+    # Nova refuses hw:mem_page_size guests on a host with file-backed memory.
+    assert conf.getint("libvirt", "file_backed_memory") == 0
+    assert "# hugetlbfs pools of 2 MiB pages: node 0 128.0 MiB, node 1 0 B" in conf_part
+    assert "# hugetlbfs pools of 1 GiB pages: node 0 0 B, node 1 2.0 GiB" in conf_part
+    document = yaml.safe_load(yaml_part)
+    jsonschema.validate(document, SCHEMA)
+    assert document["providers"][0]["traits"]["additional"] == [
+        "CUSTOM_DMEM", "CUSTOM_DMEM_PAGE_2MB", "CUSTOM_DMEM_PAGE_1GB"]
