@@ -1,8 +1,11 @@
+# ruff: noqa: F811
 """Guests shaped as OpenStack Nova defines them, through real `virsh define/start` under the hook.
 
 The domains are tests/data/nova/*.xml (Nova's file-backed memory with <discard/>, its <numatune> memnodes,
 its <nova:instance> metadata), with <domain type> set to what the sandbox runs.  The sandbox's config gets
-``[adopt] file_backed = "admit"`` for these tests and its own setting back afterwards.
+``[adopt] file_backed = "admit"`` for these tests and its own setting back afterwards.  The hugepages
+guests run on the hugetlbfs backend through the hugetlbfs tests' fixtures (imported: `huge`, which restores
+the machine's real pools after each test, and the module-wide `host_pools`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostpools import PAGE, HostPools, pool
 from lxml import etree
 
 from dmem_libvirt.units import GiB, MiB
@@ -26,6 +30,7 @@ from .test_hook_e2e import (
     reservations_of,
     status,
 )
+from .test_hugetlbfs_e2e import Huge, host_pools, huge  # noqa: F401
 from sandbox import Sandbox, with_domain_type
 
 NOVA_DATA = Path(__file__).resolve().parent.parent / "data" / "nova"
@@ -121,3 +126,43 @@ def test_nova_guest_is_refused_when_adoption_is_off(sandbox: Sandbox) -> None:
                                              f"run 'dmem-libvirt enable {FLAT}' or use memfd")
     finally:
         sandbox.virsh("undefine", FLAT, check=False)
+
+
+# ---- Nova's hw:mem_page_size guests under the hugetlbfs backend, on the machine's real pools ------------
+
+HUGE = "instance-0000000d"
+ADMIT_HUGEPAGES = '\n[adopt]\nhugepages = "admit"\n'
+
+
+def nova_hugepages(huge: Huge, limit: int) -> str:
+    """Nova's hw:mem_page_size=2MB guest defined in the sandbox, run by the hugetlbfs backend with ``limit``."""
+    huge.box.use_config(huge.box.hugetlbfs_config({0: limit}) + ADMIT_HUGEPAGES)
+    huge.box.define(nova_domain(huge.box, "instance-hugepages.xml"))
+    huge.names.append(HUGE)
+    return HUGE
+
+
+def test_nova_hugepages_guest_is_admitted_grown_on_its_memnode_verified_and_given_back(huge: Huge) -> None:
+    name = nova_hugepages(huge, huge.base * PAGE + GiB)
+    result = huge.start(name)
+    assert result.returncode == 0, result.stderr
+    assert pool()[0] == huge.base + 64
+    [reservation] = huge.status()["reservations"]
+    assert (reservation["file"], reservation["node"], reservation["page_size"], reservation["state"]) == \
+        ("ram-node0", 0, PAGE, "pinned")
+    [dom] = huge.status()["domains"]
+    assert dom["nova"] == {"name": "cache-1", "flavor": "dmem.micro.huge"}
+    huge.box.virsh("destroy", name)
+    assert pool()[0] == huge.base
+    assert huge.status()["reservations"] == []
+
+
+def test_nova_hugepages_guest_beyond_the_limit_is_refused_before_qemu_runs(huge: Huge) -> None:
+    name = nova_hugepages(huge, huge.base * PAGE + 64 * MiB)
+    before = HostPools.take()
+    result = huge.start(name)
+    assert result.returncode == 1
+    assert hook_line(result.stderr).startswith(
+        f"dmem-libvirt: {name}: guest cell 0 needs 128.0 MiB of 2 MiB huge pages on host node 0; ")
+    assert HostPools.take() == before
+    assert huge.status()["reservations"] == []
