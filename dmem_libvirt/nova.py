@@ -118,9 +118,9 @@ def nova_conf(settings: HostSettings) -> str:
     if not settings.file_backed_memory_mb:
         return "\n".join([
             *lines,
-            "# Nova places hw:mem_page_size guests against each node's pool as libvirt reports it when",
-            "# nova-compute starts: allocate the pools at boot; growth within [hugetlbfs.limit] is invisible",
-            "# to Nova's NUMATopologyFilter.",
+            "# Nova places hw:mem_page_size guests against each node's pool as libvirt reported it when",
+            "# nova-compute started (it keeps the capabilities): allocate the pools at boot and leave",
+            "# [hugetlbfs.limit] unset, so that they are used as sized; growth would be invisible to Nova.",
             "[libvirt]",
             "# Nova refuses huge pages together with file-backed memory.",
             "file_backed_memory = 0",
