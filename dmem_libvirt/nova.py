@@ -90,14 +90,15 @@ def page_trait(page_size: int) -> str:
 
 
 def host_settings(backend: Backend, reserve: int) -> HostSettings:
-    """Nova's view of the backend's pools; one trait per page size.
+    """Nova's view of the backend's pools; traits for dmem, for the backend and for each page size.
 
     On dmemfs the pools' total less ``reserve``, in whole MiB, is Nova's file-backed memory.  On hugetlbfs
     Nova keeps file-backed memory off (it refuses huge pages with it) and counts the pools itself.
     """
     sizes = sorted(backend.page_sizes())
     pools = {size: {node: pool.total for node, pool in sorted(backend.pools(size).items())} for size in sizes}
-    traits = (TRAIT, *(page_trait(size) for size in sizes))
+    # Per backend as well: Nova cannot run the same flavor on both (file-backed memory excludes huge pages).
+    traits = (TRAIT, f"{TRAIT}_{backend.name.upper()}", *(page_trait(size) for size in sizes))
     if backend.name == "hugetlbfs":
         return HostSettings(backend.name, pools, 0, 0, traits)
     total = sum(sum(nodes.values()) for nodes in pools.values())

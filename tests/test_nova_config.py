@@ -53,7 +53,7 @@ def test_provider_yaml_is_valid_for_nova_and_gives_every_compute_node_the_traits
     [provider] = document["providers"]
     assert provider["identification"] == {"uuid": "$COMPUTE_NODE"}
     traits = provider["traits"]["additional"]
-    assert traits == ["CUSTOM_DMEM", "CUSTOM_DMEM_PAGE_2MB"]
+    assert traits == ["CUSTOM_DMEM", "CUSTOM_DMEM_DMEMFS", "CUSTOM_DMEM_PAGE_2MB"]
     # nova-compute refuses to start on a trait that is not custom.
     assert all(trait.startswith("CUSTOM_") for trait in traits)
 
@@ -116,7 +116,8 @@ def test_page_size_trait_follows_the_pool(tmp_path: Path) -> None:
     config = make_host(tmp_path, 1, page_shift=12)
     assert config.source is not None
     _, out, _ = nova_config(config.source, "--provider-yaml")
-    assert yaml.safe_load(out)["providers"][0]["traits"]["additional"] == ["CUSTOM_DMEM", "CUSTOM_DMEM_PAGE_4KB"]
+    assert yaml.safe_load(out)["providers"][0]["traits"]["additional"] == [
+        "CUSTOM_DMEM", "CUSTOM_DMEM_DMEMFS", "CUSTOM_DMEM_PAGE_4KB"]
 
 
 def test_hugetlbfs_host_keeps_file_backed_memory_off_and_gets_a_trait_per_mounted_page_size(tmp_path: Path) -> None:
@@ -133,4 +134,4 @@ def test_hugetlbfs_host_keeps_file_backed_memory_off_and_gets_a_trait_per_mounte
     document = yaml.safe_load(yaml_part)
     jsonschema.validate(document, SCHEMA)
     assert document["providers"][0]["traits"]["additional"] == [
-        "CUSTOM_DMEM", "CUSTOM_DMEM_PAGE_2MB", "CUSTOM_DMEM_PAGE_1GB"]
+        "CUSTOM_DMEM", "CUSTOM_DMEM_HUGETLBFS", "CUSTOM_DMEM_PAGE_2MB", "CUSTOM_DMEM_PAGE_1GB"]
