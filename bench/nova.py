@@ -12,7 +12,6 @@ run interleaved, one call of each in turn, and are reported as medians, spread (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import statistics
 import sys
@@ -22,7 +21,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 from lxml import etree
 
@@ -33,19 +31,11 @@ from dmem_libvirt.lifecycle import HookContext
 from dmem_libvirt.units import GiB, MiB
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from fakehost import FakeNode, make_host  # noqa: E402 (the tests' fake host, beside them)
+
 NOVA_XML = REPO / "tests" / "data" / "nova" / "instance-numa.xml"
 PAGE = 2 * MiB
-
-
-def load_fakehost() -> ModuleType:
-    path = REPO / "tests" / "fakehost.py"
-    spec = importlib.util.spec_from_file_location("fakehost", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def enabled_twin(nova: bytes) -> bytes:
@@ -104,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--guests", type=int, default=50)
     args = parser.parse_args(argv)
-    fakehost = load_fakehost()
     with tempfile.TemporaryDirectory(prefix="dmem-nova-bench-") as scratch:
-        nodes = {n: fakehost.FakeNode(cpus=[n], dmem_total=64 * GiB) for n in (0, 1)}
-        config: Config = fakehost.make_host(Path(scratch), nodes)
+        nodes = {n: FakeNode(cpus=[n], dmem_total=64 * GiB) for n in (0, 1)}
+        config: Config = make_host(Path(scratch), nodes)
         config = replace(config, adopt=AdoptConfig(file_backed="admit"))
         ctx = HookContext.create(config)
         occupy(ctx, args.guests)

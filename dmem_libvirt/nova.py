@@ -1,8 +1,8 @@
 """OpenStack Nova: what its domains say about themselves, and what Nova must be told about this host.
 
 Nova's libvirt driver writes a ``<nova:instance>`` element (namespace NOVA_NS) into every domain's
-<metadata>: the instance's display name, its flavor and the flavor's extra specs.  `read_instance` reads
-it (stdlib ElementTree or lxml).  `host_settings` turns the live pools into the nova.conf values and the
+<metadata>: the instance's display name, flavor, owner and image.  `read_instance` reads the name and
+flavor (stdlib ElementTree or lxml).  `host_settings` turns the live pools into the nova.conf values and the
 provider-config traits that `dmem-libvirt nova-config` prints: Nova reports ``[libvirt]
 file_backed_memory`` as the host's MEMORY_MB and requires ``ram_allocation_ratio = 1.0`` with it.
 """
@@ -35,12 +35,6 @@ class NovaInstance:
 
     name: str                          # the instance's display name (the domain is "instance-<id>")
     flavor: str
-    extra_specs: Mapping[str, str]
-
-    @property
-    def page_size(self) -> str | None:
-        """``hw:mem_page_size`` as the flavor gives it ("2MB", "large", ...), None when unset."""
-        return self.extra_specs.get("hw:mem_page_size")
 
 
 def read_instance(root: Element) -> NovaInstance | None:
@@ -49,15 +43,9 @@ def read_instance(root: Element) -> NovaInstance | None:
     if instance is None:
         return None
     flavor = instance.find(f"{{{NOVA_NS}}}flavor")
-    specs = {}
-    if flavor is not None:
-        for spec in flavor.findall(f"{{{NOVA_NS}}}extraSpecs/{{{NOVA_NS}}}extraSpec"):
-            if spec.get("name"):
-                specs[str(spec.get("name"))] = (spec.text or "").strip()
     return NovaInstance(
         name=(instance.findtext(f"{{{NOVA_NS}}}name") or "").strip(),
         flavor=(flavor.get("name") or "") if flavor is not None else "",
-        extra_specs=specs,
     )
 
 
