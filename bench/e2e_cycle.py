@@ -1,30 +1,36 @@
-"""End-to-end cost of the hook: `virsh start` + `virsh destroy` cycles in the private sandbox.
+"""End-to-end cost of the hook: `virsh start` + `virsh destroy` cycles in the private sandbox, explained.
 
-Run as root: ``.venv/bin/python bench/e2e_cycle.py [--cycles 10] [--sizes 256M,4G]``.
+Run as root: ``.venv/bin/python bench/e2e_cycle.py [--cycles 9] [--sizes 256M,2G]``.
 The same guest, enabled with `dmem-libvirt enable` (file-backed shared RAM, immediate allocation, node-bound),
 is cycled with the hook installed (admit, pin = allocate + zero, verify, release) and with the hook removed
 (libvirtd reloaded; QEMU then creates and preallocates the file itself): the second is the baseline, measured
 in the same run.  Likewise a guest without the project's metadata (anonymous RAM), with and without the hook.
 Variants run interleaved, one cycle of each in turn (hook-on and hook-off groups alternating which goes
-first), after one untimed warm-up cycle.  Each hook call's latency comes from libvirtd's own log of the
-commands it runs; the pin rate is the marginal GiB/s of `start begin` between the smallest and largest size.
+first), after one untimed warm-up cycle.
+
+Each cycle is broken down: `virsh start` and the hook calls inside it; `virsh destroy`, the moment QEMU
+exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call and
+`release end`.  The hook calls' times and libvirt's come from libvirtd's own debug log (ms resolution).
+Every figure is the median over the cycles with its spread (min-max); the ratios are of medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import select
 import statistics
 import sys
+import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dmem_libvirt.install import HOOK_NAME
-from dmem_libvirt.units import GiB, MiB, format_size, parse_size
+from dmem_libvirt.units import MiB, format_size, parse_size
 
 # The sandbox is a test harness, kept beside the tests rather than in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -32,11 +38,30 @@ from sandbox import Sandbox, SandboxError, guest_xml
 
 PLAIN_MEMORY = 256 * MiB
 LIBVIRTD_LOG = "/var/log/libvirt/libvirtd.log"
-# libvirtd logs every command it runs (hooks included) and its result, with millisecond timestamps.
-HOOK_STARTED = re.compile(r"^(\S+ \S+)\+0000: (\d+): debug : virCommandRunAsync:\d+ : About to run .*/"
+# libvirtd logs every command it runs (hooks included) and its result, and the start of qemuProcessStop.
+LOG_FILTERS = "1:util.command 1:qemu.qemu_process"
+STAMP = r"^(\S+ \S+)\+0000: (\d+): "
+HOOK_STARTED = re.compile(STAMP + r"debug : virCommandRunAsync:\d+ : About to run .*/"
                           + re.escape(HOOK_NAME) + r" (\S+) (\S+) (\S+)")
-COMMAND_DONE = re.compile(r"^(\S+ \S+)\+0000: (\d+): debug : virCommandRun:\d+ : Result ")
-OPERATIONS = ("prepare begin", "start begin", "started begin", "stopped end", "release end")
+COMMAND_DONE = re.compile(STAMP + r"debug : virCommandRun:\d+ : Result ")
+PROCESS_STOP = re.compile(STAMP + r"debug : qemuProcessStop:\d+ : Shutting down vm=\S+ name=(\S+) ")
+HOOK_CALLS = ("prepare begin", "start begin", "started begin", "stopped end", "release end")
+
+
+@dataclass
+class Cycle:
+    start: float
+    destroy: float
+    # seconds after `virsh destroy` was called
+    qemu_exit: float
+    libvirt_stop: float | None = None
+    stopped_hook: float | None = None
+    # "operation subop" -> seconds
+    hooks: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.start + self.destroy
 
 
 @dataclass
@@ -45,16 +70,8 @@ class Variant:
     domain: str
     hook: bool
     memory: int
-    # (start, destroy) seconds per timed cycle
-    times: list[tuple[float, float]] = field(default_factory=list)
+    cycles: list[Cycle] = field(default_factory=list)
     unavailable: str | None = None
-
-    def median(self, pick: Callable[[tuple[float, float]], float]) -> float:
-        return statistics.median(pick(t) for t in self.times)
-
-
-def total(timing: tuple[float, float]) -> float:
-    return timing[0] + timing[1]
 
 
 def variants(box: Sandbox, sizes: Iterable[int]) -> list[Variant]:
@@ -74,25 +91,44 @@ def variants(box: Sandbox, sizes: Iterable[int]) -> list[Variant]:
 
 
 def log_hook_commands(box: Sandbox) -> None:
-    """Make libvirtd log the commands it runs at debug level (a restart: it reads its config at start)."""
+    """Make libvirtd log what the breakdown needs at debug level (a restart: it reads its config at start)."""
     conf = box.private("/etc/libvirt/libvirtd.conf")
     text = re.sub(r'log_outputs = "\d:', 'log_outputs = "1:', conf.read_text())
-    conf.write_text(text + 'log_filters = "1:util.command"\n')
+    conf.write_text(text + f'log_filters = "{LOG_FILTERS}"\n')
     box.restart_libvirtd()
 
 
-def cycle(box: Sandbox, domain: str) -> tuple[float, float]:
-    started = time.perf_counter()
+def cycle(box: Sandbox, domain: str) -> tuple[Cycle, float]:
+    """One `virsh start` + `virsh destroy` (and when destroy was called); QEMU's exit is seen through a pidfd."""
+    began = time.perf_counter()
     box.virsh("start", domain)
     running = time.perf_counter()
-    box.virsh("destroy", domain)
-    return running - started, time.perf_counter() - running
+    pidfd = os.pidfd_open(box.qemu_pid(domain))
+    failure: list[BaseException] = []
+
+    def destroy() -> None:
+        try:
+            box.virsh("destroy", domain)
+        except BaseException as err:
+            failure.append(err)
+
+    try:
+        called = time.time()
+        worker = threading.Thread(target=destroy)
+        worker.start()
+        select.select([pidfd], [], [], 60)
+        exited = time.time() - called
+        worker.join()
+    finally:
+        os.close(pidfd)
+    if failure:
+        raise failure[0]
+    return Cycle(running - began, time.perf_counter() - running, exited), called
 
 
-def measure(box: Sandbox, runs: list[Variant], cycles: int, report: Callable[[str], None]) -> int:
-    """Run the cycles; returns the size of libvirtd's log after the warm-up (where timed hook calls start)."""
+def measure(box: Sandbox, runs: list[Variant], cycles: int) -> None:
     hook_installed = box.hook
-    warm = 0
+    log = box.private(LIBVIRTD_LOG)
     for index in range(cycles + 1):
         # Alternate which group goes first, so neither always follows a reload.
         order = sorted(runs, key=lambda v: v.hook != bool(index % 2))
@@ -103,97 +139,109 @@ def measure(box: Sandbox, runs: list[Variant], cycles: int, report: Callable[[st
                 # Not timed: installing or removing the hook SIGHUPs libvirtd.
                 (box.install_hook if variant.hook else box.remove_hook)()
                 hook_installed = variant.hook
+            offset = log.stat().st_size
             try:
-                timing = cycle(box, variant.domain)
+                timing, called = cycle(box, variant.domain)
             except SandboxError as err:
                 variant.unavailable = err.line()
                 box.virsh("destroy", variant.domain, check=False)
                 continue
             if index:
-                variant.times.append(timing)
-        if index == 0:
-            warm = box.private(LIBVIRTD_LOG).stat().st_size
-        report("warm-up cycle done" if index == 0 else f"cycle {index}/{cycles} done")
-    return warm
+                with log.open("rb") as stream:
+                    stream.seek(offset)
+                    explain(timing, variant.domain, called, stream.read().decode(errors="replace"))
+                variant.cycles.append(timing)
+        print("warm-up cycle done" if index == 0 else f"cycle {index}/{cycles} done", flush=True)
 
 
-def hook_latencies(log: str) -> dict[tuple[str, str], list[float]]:
-    """(domain, "operation subop") -> seconds of every hook call libvirtd logged."""
-    pending: dict[str, tuple[float, str, str]] = {}
-    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+def explain(timing: Cycle, domain: str, destroy_called: float, log: str) -> None:
+    """Fill in the hook calls and libvirt's stop from the log lines of this one cycle."""
+    pending: dict[str, tuple[float, str]] = {}
     for line in log.splitlines():
         if started := HOOK_STARTED.match(line):
-            stamp, thread, domain, operation, subop = started.groups()
-            pending[thread] = (_seconds(stamp), domain, f"{operation} {subop}")
+            stamp, thread, name, operation, subop = started.groups()
+            if name == domain:
+                pending[thread] = (_seconds(stamp), f"{operation} {subop}")
+                if operation == "stopped":
+                    timing.stopped_hook = _seconds(stamp) - destroy_called
         elif (done := COMMAND_DONE.match(line)) and done.group(2) in pending:
-            began, domain, operation = pending.pop(done.group(2))
-            out[(domain, operation)].append(_seconds(done.group(1)) - began)
-    return out
+            began, call = pending.pop(done.group(2))
+            timing.hooks[call] = _seconds(done.group(1)) - began
+        elif (stop := PROCESS_STOP.match(line)) and stop.group(3) == domain:
+            timing.libvirt_stop = _seconds(stop.group(1)) - destroy_called
 
 
 def _seconds(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
 
-def report(runs: list[Variant], latencies: dict[tuple[str, str], list[float]], cycles: int,
-           accel: str, up_seconds: float) -> None:
-    print(f"\nsandbox up (cold libvirtd, QEMU capability probe included): {up_seconds:.2f} s")
-    print(f"virsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up; medians:")
-    print(f"{'variant':<38} {'start':>8} {'destroy':>8} {'cycle':>8}  {'start, cycle vs no hook':>23}")
+def spread(values: list[float]) -> str:
+    """Median and min-max in ms."""
+    if not values:
+        return f"{'-':>17}"
+    return f"{statistics.median(values) * 1000:5.0f} [{min(values) * 1000:4.0f}-{max(values) * 1000:4.0f}]"
+
+
+def ratio(hooked: Variant, bare: Variant, pick: str) -> str:
+    if not (hooked.cycles and bare.cycles):
+        return "-"
+    mine = statistics.median(getattr(c, pick) for c in hooked.cycles)
+    base = statistics.median(getattr(c, pick) for c in bare.cycles)
+    return f"{mine / base:.2f}x"
+
+
+def report(runs: list[Variant], cycles: int, accel: str, load: tuple[str, str]) -> None:
+    print(f"\nvirsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up; "
+          f"loadavg before: {load[0]}, after: {load[1]}")
+    print("ms, median [min-max] over the cycles; destroy's events are counted from the `virsh destroy` call")
+    columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook")
+    print(f"{'variant':<34} " + " ".join(f"{c:>17}" for c in columns) + "   start  cycle (ratio)")
     for hooked, bare in zip(runs[::2], runs[1::2], strict=True):
         for variant in (hooked, bare):
-            if variant.unavailable or not variant.times:
-                print(f"{variant.label:<38} unavailable: {variant.unavailable}")
+            if variant.unavailable or not variant.cycles:
+                print(f"{variant.label:<34} unavailable: {variant.unavailable}")
                 continue
-            ratio = "baseline"
-            if variant is hooked and bare.times and not bare.unavailable:
-                ratio = (f"{variant.median(lambda t: t[0]) / bare.median(lambda t: t[0]):.2f}x, "
-                         f"{variant.median(total) / bare.median(total):.2f}x")
-            print(f"{variant.label:<38} {variant.median(lambda t: t[0]):7.3f}s "
-                  f"{variant.median(lambda t: t[1]):7.3f}s {variant.median(total):7.3f}s  {ratio:>23}")
-    print("\nhook calls (libvirtd's log, ms resolution); median ms per call:")
-    print(f"{'guest':<38} " + " ".join(f"{op:>13}" for op in OPERATIONS))
+            cs = variant.cycles
+            cells = [spread([c.start for c in cs]), spread([c.destroy for c in cs]),
+                     spread([c.total for c in cs]), spread([c.qemu_exit for c in cs]),
+                     spread([c.libvirt_stop for c in cs if c.libvirt_stop is not None]),
+                     spread([c.stopped_hook for c in cs if c.stopped_hook is not None])]
+            ratios = (f"{ratio(hooked, bare, 'start'):>7} {ratio(hooked, bare, 'total'):>6}"
+                      if variant is hooked else "baseline")
+            print(f"{variant.label:<34} " + " ".join(cells) + f"   {ratios}")
+    print("\nhook calls as libvirtd ran them (process start to exit), ms, median [min-max]:")
+    print(f"{'variant':<34} " + " ".join(f"{op:>17}" for op in HOOK_CALLS) + f" {'sum':>17}")
     for variant in runs[::2]:
-        cells = []
-        for op in OPERATIONS:
-            calls = latencies.get((variant.domain, op), [])
-            cells.append(f"{statistics.median(calls) * 1000:10.0f} ms" if calls else f"{'-':>13}")
-        print(f"{variant.label:<38} " + " ".join(cells))
-    pins = {v.memory: latencies.get((v.domain, "start begin"), []) for v in runs[:-2:2] if not v.unavailable}
-    pins = {size: calls for size, calls in pins.items() if calls}
-    if len(pins) >= 2:
-        small, large = min(pins), max(pins)
-        extra = statistics.median(pins[large]) - statistics.median(pins[small])
-        print(f"\npin rate in `start begin` (allocate + the emulated previous tenant's data + zero), marginal "
-              f"{format_size(small)} -> {format_size(large)}: {(large - small) / GiB / extra:.2f} GiB/s")
-    for size, calls in sorted(pins.items()):
-        print(f"  {format_size(size)}: start begin {statistics.median(calls):.3f} s = "
-              f"{size / GiB / statistics.median(calls):.2f} GiB/s including the hook's fixed cost")
+        if not variant.cycles:
+            continue
+        calls = [spread([c.hooks[op] for c in variant.cycles if op in c.hooks]) for op in HOOK_CALLS]
+        sums = spread([sum(c.hooks.values()) for c in variant.cycles])
+        print(f"{variant.label:<34} " + " ".join(calls) + f" {sums}")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cycles", type=int, default=10)
-    parser.add_argument("--sizes", default="256M,4G", help="dmem guest sizes (256M,4G)")
+    parser.add_argument("--cycles", type=int, default=9)
+    parser.add_argument("--sizes", default="256M,2G", help="dmem guest sizes (256M,2G)")
     parser.add_argument("--root", type=Path, default=Path("/run/dmem-sandbox-bench"))
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
 
     # One guest runs at a time: the pool needs room for the largest only.
     box = Sandbox(args.root, max(sizes), hook=True)
-    started = time.perf_counter()
     box.up()
-    up_seconds = time.perf_counter() - started
+    before = loadavg()
     try:
         log_hook_commands(box)
         runs = variants(box, sizes)
-        warm = measure(box, runs, args.cycles, lambda line: print(line, flush=True))
-        with box.private(LIBVIRTD_LOG).open("rb") as log:
-            log.seek(warm)
-            latencies = hook_latencies(log.read().decode(errors="replace"))
+        measure(box, runs, args.cycles)
     finally:
         box.down()
-    report(runs, latencies, args.cycles, "KVM" if box.domain_type == "kvm" else "TCG", up_seconds)
+    report(runs, args.cycles, "KVM" if box.domain_type == "kvm" else "TCG", (before, loadavg()))
     return 0
 
 

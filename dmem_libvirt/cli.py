@@ -259,6 +259,9 @@ def cmd_status(args: argparse.Namespace, config: config_mod.Config, conn: Connec
     from . import status
 
     data = status.collect(_context(config))
+    warning = status.damage_warning(data)
+    if warning:
+        io.err(warning)
     if args.json:
         io.out(json.dumps(data, indent=2, sort_keys=True))
     else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import XMLNS
+from .cpulist import parse_cpulist
 from .errors import DomainXMLError
 from .units import GiB, format_page_size, libvirt_bytes
 
@@ -157,7 +158,7 @@ def _hugepage_size(backing: Element | None) -> int | None:
 
 
 def _cells(root: Element) -> tuple[GuestCell, ...]:
-    cells = []
+    cells: list[GuestCell] = []
     for index, cell in enumerate(root.findall("cpu/numa/cell")):
         # libvirt numbers cells in document order when id= is left out.
         cell_id = _uint(cell.get("id"), "<cell id>") if cell.get("id") is not None else index
@@ -170,7 +171,14 @@ def _cells(root: Element) -> tuple[GuestCell, ...]:
             raise DomainXMLError(f"{where}: {err}") from None
         cpus = parse_cpuset(cell.get("cpus"), f"{where} cpus") if cell.get("cpus") else frozenset()
         discard = (cell.get("discard") or "").lower() == "yes"
+        if any(other.id == cell_id for other in cells):
+            raise DomainXMLError(f"{where} is defined twice; each <cell id> must appear once")
         cells.append(GuestCell(cell_id, size, cpus, discard))
+    for cell in cells:
+        # libvirt: "Exactly one 'cell' element per guest NUMA cell allowed ... starting from 0".
+        if cell.id >= len(cells):
+            raise DomainXMLError(f"guest cell {cell.id} is out of range: {len(cells)} cells must have "
+                                 f"ids 0 to {len(cells) - 1}")
     return tuple(cells)
 
 
@@ -194,8 +202,10 @@ def _metadata(root: Element) -> DmemMetadata | None:
             size=_uint(cell.get("bytes"), "dmem metadata cell bytes"),
             file=cell.get("file") or "",
         ))
-        if not placed[-1].file or "/" in placed[-1].file:
-            raise DomainXMLError(f"dmem metadata cell {placed[-1].cell} has a bad file= {cell.get('file')!r}")
+        problem = backing_file_problem(placed[-1].file)
+        if problem:
+            raise DomainXMLError(f"dmem metadata cell {placed[-1].cell} has a bad file= {cell.get('file')!r}: "
+                                 f"it {problem}")
     return DmemMetadata(backend, page_size, tuple(placed), (mine.get("cellless") or "") == "yes")
 
 
@@ -318,27 +328,30 @@ def aligned_sizes(dom: DomainMemory, page_size: int, *, round_up: bool) -> tuple
 
 def parse_cpuset(text: str | None, what: str) -> frozenset[int]:
     """libvirt's cpuset syntax "0-3,^2,8" as a set; raises DomainXMLError quoting the text."""
-    chosen: set[int] = set()
-    excluded: set[int] = set()
     try:
-        for raw in (text or "").split(","):
-            part = raw.strip()
-            target = chosen
-            if part.startswith("^"):
-                target, part = excluded, part[1:].strip()
-            first, sep, last = part.partition("-")
-            start = int(first) if _digits(first) else -1
-            end = int(last) if sep and _digits(last) else (start if not sep else -1)
-            if start < 0 or end < start:
-                raise ValueError(part)
-            target.update(range(start, end + 1))
+        if not (text or "").strip():
+            raise ValueError("empty")
+        return parse_cpulist(text or "")
     except ValueError:
         raise DomainXMLError(f"{what} {text!r} is not a CPU list like '0-3,^2,8'") from None
-    return frozenset(chosen - excluded)
 
 
-def _digits(text: str) -> bool:
-    return text.strip().isascii() and text.strip().isdigit()
+NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX)
+
+
+def backing_file_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a backing file in a domain's memory directory, or None.
+
+    The one check for the concept: the domain metadata, the ledger and pin all call it, so a value one
+    accepts is never refused by another.
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if name in (".", "..") or "/" in name or "\0" in name:
+        return "is not a plain file name"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"is longer than {NAME_MAX} bytes"
+    return None
 
 
 def _text(element: Element | None) -> str:

@@ -26,9 +26,8 @@ from .domain import (
     unsupported,
 )
 from .errors import DomainXMLError
-from .units import LIBVIRT_UNITS, KiB, MiB, format_size
-
-MAX_XML_BYTES = 10 * 1024 * 1024
+from .units import LIBVIRT_UNITS, KiB, MiB
+from .xmlsafe import refusal
 
 _MEMORY = f"{{{NS}}}memory"
 _CELL = f"{{{NS}}}cell"
@@ -64,15 +63,10 @@ def _to_bytes(data: bytes | str, what: str) -> bytes:
 
 
 def _parse_bytes(raw: bytes, what: str) -> etree._ElementTree:
-    if not raw.strip():
-        raise DomainXMLError(f"{what} is empty")
-    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
-        # libvirt never writes a DOCTYPE; one here can only smuggle entities (expansion bombs, local
-        # files).  Refused before libxml2 sees it; the check after parsing covers other encodings.
-        raise DomainXMLError(f"{what} has a DOCTYPE or entity declarations; refusing it")
-    if len(raw) > MAX_XML_BYTES:
-        raise DomainXMLError(f"{what} is {format_size(len(raw))}; "
-                             f"refusing more than {format_size(MAX_XML_BYTES)}")
+    refused = refusal(raw, what)
+    if refused:
+        # Refused before libxml2 sees it; the check after parsing covers DOCTYPEs in other encodings.
+        raise DomainXMLError(refused)
     try:
         root = etree.fromstring(raw, _parser())
     except etree.XMLSyntaxError as err:

@@ -21,6 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import IO
 
+    from .config import Config
     from .lifecycle import HookContext
 
 # (operation, sub-operation) -> handler name in lifecycle; anything else exits 0 at once.
@@ -43,9 +44,12 @@ def main(argv: list[str], stdin: IO[bytes], stdout: IO[str], stderr: IO[str], *,
     if len(argv) < 3:
         stderr.write("usage: dmem-libvirt-hook NAME OPERATION SUBOP [EXTRA] < domain.xml\n")
         return 2
+    from .xmlsafe import MAX_XML_BYTES
+
     name, operation, subop = argv[1], argv[2], argv[3] if len(argv) > 3 else "-"
     handler = OPERATIONS.get((operation, subop))
-    xml = stdin.read()
+    # Bounded: one byte past the limit is enough to refuse the document.
+    xml = stdin.read(MAX_XML_BYTES + 1)
     if handler is None:
         return 0
     # Defined in the package itself: the domain model would import re, dataclasses, typing (~19 ms).
@@ -79,35 +83,49 @@ def _dispatch(handler: str, name: str, xml: bytes, stdout: IO[str], stderr: IO[s
 
 
 def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookContext | None) -> int:
+    # A guest that is not ours must never be failed because this reader is stricter than libvirt.
+    ours = XMLNS.encode() in xml
+    config: Config | None = None
+    if handler == "release" and ours:
+        from .config import load
+
+        # Checked before parsing the XML and importing the lifecycle: libvirt releases twice per stop.
+        config = context.config if context is not None else load()
+        if _released(xml, config):
+            return 0
+
     import xml.etree.ElementTree as ET
 
     from .domain import read_domain
     from .errors import DmemError, DomainXMLError
+    from .xmlsafe import parse_stdlib, refusal
 
-    # A guest that is not ours must never be failed because this reader is stricter than libvirt.
-    ours = XMLNS.encode() in xml
     try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
+        refused = refusal(xml)
+        if refused:
+            raise ValueError(refused)
+        root = parse_stdlib(xml)
+    except (ET.ParseError, ValueError) as err:
         if not ours:
             return 0
-        raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
+        if isinstance(err, ET.ParseError):
+            raise DomainXMLError(f"libvirt passed unreadable domain XML: {err}", name) from None
+        raise DomainXMLError(str(err), name) from None
     try:
         dom = read_domain(root)
     except DmemError:
         if not ours:
             return 0
         raise
-    from .config import Config, load
+    from .config import load
 
-    config: Config | None = None
     if dom.metadata is None and not dom.file_backed:
         # Neither placed by us nor able to put its RAM on our filesystem: nothing to check or undo,
         # and nothing heavier than the stdlib parser was imported; unless it is a <hugepages> guest
         # that the configuration has the hugetlbfs backend admit.
         if not dom.hugepages:
             return 0
-        config = context.config if context else load()
+        config = config or (context.config if context else load())
         if config.adopt.hugepages != "admit" or config.backend_name != "hugetlbfs":
             return 0
     from . import lifecycle
@@ -135,6 +153,23 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
     return 0
 
 
-def entry() -> int:
-    """Console-script entry point."""
-    return main(sys.argv, sys.stdin.buffer, sys.stdout, sys.stderr)
+def _released(xml: bytes, config: Config) -> bool:
+    """True when the ledger surely holds nothing of this domain (its first <uuid>, in libvirt's canonical form)."""
+    start = xml.find(b"<uuid>")
+    end = xml.find(b"</uuid>", start)
+    if start < 0 or end < 0:
+        return False
+    uuid = xml[start + len(b"<uuid>"):end]
+    if len(uuid) != 36 or uuid.strip(b"0123456789abcdef-"):
+        return False
+    from .ledger import may_hold
+
+    return not may_hold(config.state.dir, uuid.decode())
+
+
+def entry(xml: bytes | None = None) -> int:
+    """Console-script entry point; the hook script passes the XML it already read from stdin."""
+    import io
+
+    stdin = sys.stdin.buffer if xml is None else io.BytesIO(xml)
+    return main(sys.argv, stdin, sys.stdout, sys.stderr)

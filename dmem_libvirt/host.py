@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from .config import Config
+from .cpulist import parse_cpulist
 from .errors import HostError
 from .units import KiB
 
@@ -26,41 +27,6 @@ DEFAULT_MEMORY_BACKING_DIR = Path("/var/lib/libvirt/qemu/ram")
 _DECIMAL = re.compile(r"[0-9]+\n?")
 _BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _T = TypeVar("_T")
-
-
-def parse_cpulist(text: str) -> frozenset[int]:
-    """CPUs (or nodes) from the kernel's list format "0-3,8,10-11"; "" is empty.
-
-    Also takes libvirt's cpuset exclusions ("0-7,^3"), applied left to right as libvirt does.
-    Raises ValueError quoting the text.
-    """
-    body = text.strip()
-    if not body:
-        return frozenset()
-    cpus: set[int] = set()
-    for item in body.split(","):
-        part = item.strip()
-        try:
-            if part.startswith("^"):
-                cpus.discard(_cpu_number(part[1:]))
-            elif "-" in part:
-                low_text, high_text = part.split("-", 1)
-                low, high = _cpu_number(low_text), _cpu_number(high_text)
-                if low > high:
-                    raise ValueError(f"range {part!r} runs backwards")
-                cpus.update(range(low, high + 1))
-            else:
-                cpus.add(_cpu_number(part))
-        except ValueError as err:
-            raise ValueError(f"not a CPU list: {text!r} ({err})") from None
-    return frozenset(cpus)
-
-
-def _cpu_number(text: str) -> int:
-    stripped = text.strip()
-    if not stripped.isascii() or not stripped.isdigit():
-        raise ValueError(f"{text!r} is not a CPU number")
-    return int(stripped)
 
 
 def fs_magic(path: Path | str) -> int:
@@ -103,6 +69,11 @@ class Host:
         distances = _parse(distance, read_text(distance), _parse_distances)
         fields = _parse_meminfo(meminfo, read_text(meminfo), n)
         return NodeInfo(n, cpus, distances, fields["MemTotal"], fields["MemFree"])
+
+    def node_cpus(self, n: int) -> frozenset[int]:
+        """The CPUs of host node ``n``: all that admission and pinning read of a node, so all they check."""
+        path = self._node_dir / f"node{n}" / "cpulist"
+        return _parse(path, read_text(path), parse_cpulist)
 
     def nodes(self) -> list[NodeInfo]:
         return [self.node(n) for n in self.online_nodes()]

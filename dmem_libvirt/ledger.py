@@ -3,14 +3,20 @@
 One JSON file under the state directory, versioned and bound to the boot it was written in.  It is
 only ever replaced atomically (temp file, fsync, rename, fsync of the directory), so a process killed
 at any instruction leaves either the old or the new ledger.  Changes happen in ``transaction()``, under
-the host lock; ``read()`` is a lock-free snapshot.  A corrupt file is kept aside, never silently emptied.
+the host lock; ``read()`` is a lock-free snapshot.  A damaged file is kept aside, never silently emptied:
+every entry still readable in it is kept, running guests fill in the rest, and the log says what was
+dropped.  The state directory must be ours and not writable by others; no file in it is followed
+through a symbolic link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .domain import backing_file_problem
 from .errors import LedgerError
 from .lock import HostLock
 
@@ -73,6 +80,7 @@ class Reservation:
     path: str | None = None
     inode: int | None = None
     pid: int | None = None
+    pid_start: int | None = None     # the pid's start time (clock ticks after boot): a recycled pid differs
 
     @property
     def key(self) -> tuple[str, str]:
@@ -91,7 +99,7 @@ class Reservation:
         unknown = sorted(set(d) - known)
         if unknown:
             raise LedgerCorrupt(f"unknown field '{unknown[0]}'")
-        optional = {"path", "inode", "pid"}
+        optional = {"path", "inode", "pid", "pid_start"}
         missing = sorted(known - optional - set(d))
         if missing:
             raise LedgerCorrupt(f"missing field '{missing[0]}'")
@@ -102,15 +110,18 @@ class Reservation:
         # Re-adopted entries keep their history, e.g. "reconnect+prepare".
         if not set(origin.split("+")) <= ORIGINS:
             raise LedgerCorrupt(f"field 'origin' has an unknown origin: {origin!r}")
-        file = _str("file", d["file"])
+        file = d["file"]
         # The file name is joined to the domain's memory directory when pages are given back.
-        if "/" in file or file in (".", ".."):
-            raise LedgerCorrupt(f"field 'file' must be a plain file name, got {file!r}")
+        problem = backing_file_problem(file)
+        if problem:
+            raise LedgerCorrupt(f"field 'file' {file!r} {problem}")
+        assert isinstance(file, str)
         path = d.get("path")
         if path is not None and not (isinstance(path, str) and path.startswith("/")):
             raise LedgerCorrupt(f"field 'path' must be an absolute path or null, got {path!r}")
         inode = d.get("inode")
         pid = d.get("pid")
+        pid_start = d.get("pid_start")
         return cls(
             domain=_str("domain", d["domain"]),
             uuid=_str("uuid", d["uuid"]),
@@ -125,6 +136,7 @@ class Reservation:
             path=path,
             inode=None if inode is None else _int("inode", inode, 0),
             pid=None if pid is None else _int("pid", pid, 1),
+            pid_start=None if pid_start is None else _int("pid_start", pid_start, 0),
         )
 
 
@@ -215,6 +227,9 @@ class _Loaded:
     grown: dict[tuple[int, int], int]
 
 
+_GROWN_FIELDS = frozenset({"node", "page_size", "pages"})
+
+
 def _parse_grown(raw: object) -> dict[tuple[int, int], int]:
     """The optional "grown" list: [{"node": N, "page_size": bytes, "pages": n}, ...]."""
     if raw is None:
@@ -223,13 +238,97 @@ def _parse_grown(raw: object) -> dict[tuple[int, int], int]:
         raise LedgerCorrupt(f"field 'grown' must be a list, got {raw!r}")
     grown: dict[tuple[int, int], int] = {}
     for item in raw:
-        if not isinstance(item, dict) or set(item) != {"node", "page_size", "pages"}:
+        if not isinstance(item, dict) or set(item) != _GROWN_FIELDS:
             raise LedgerCorrupt(f"field 'grown' holds {item!r}, not {{node, page_size, pages}}")
         key = (_int("node", item["node"], 0), _int("page_size", item["page_size"], 1))
         if key in grown:
             raise LedgerCorrupt(f"field 'grown' lists node {key[0]} page size {key[1]} twice")
         grown[key] = _int("pages", item["pages"], 1)
     return grown
+
+
+# The envelope's boot id, found in a file too damaged to parse as a whole.
+_BOOT_ID_FIELD = re.compile(r'"boot_id"\s*:\s*"([^"\\]*)"')
+
+
+@dataclass(frozen=True)
+class Salvage:
+    """What a damaged ledger file still says: every entry that reads as valid, and what was left out."""
+
+    reason: str
+    boot_id: str | None
+    reservations: list[Reservation]
+    dropped: list[str]
+    grown: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        dropped = "; ".join(self.dropped) if self.dropped else "no readable entry"
+        return f"{self.reason} (kept {len(self.reservations)} readable reservations, dropped: {dropped})"
+
+
+def salvage(data: bytes, reason: str) -> Salvage:
+    """Every valid reservation object in ``data``, wherever it is, first of each (uuid, file) kept.
+
+    A ledger is damaged by hand edits, a full disk or a foreign writer, never by our own crash (writes are
+    atomic): what survives is whole JSON objects, so each one is tried on its own.
+    """
+    text = data.decode("utf-8", "replace")
+    found = _BOOT_ID_FIELD.search(text)
+    decoder = json.JSONDecoder()
+    kept: list[Reservation] = []
+    dropped: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    grown: dict[tuple[int, int], int] = {}
+    index = 0
+    position = text.find("{")
+    while position >= 0:
+        try:
+            value, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            value, end = None, position + 1
+        if isinstance(value, dict) and set(value) == _GROWN_FIELDS:
+            # A record of pages the tool added to a pool: kept when it reads, so they can be given back.
+            with contextlib.suppress(LedgerCorrupt):
+                grown.update(_parse_grown([value]))
+            position = text.find("{", end)
+        elif isinstance(value, dict) and "reservations" not in value:
+            try:
+                entry = Reservation.from_json(value)
+                if entry.key in seen:
+                    raise LedgerCorrupt(f"{entry.file} of domain {entry.domain} is booked twice")
+                seen.add(entry.key)
+                kept.append(entry)
+            except LedgerCorrupt as err:
+                dropped.append(f"reservation {index} ({value.get('domain', '?')}): {err.message}")
+            index += 1
+            position = text.find("{", end)
+        else:
+            # The envelope (or not JSON at all): look inside it for the entries.
+            position = text.find("{", position + 1)
+    return Salvage(reason, found.group(1) if found else None, kept, dropped, grown)
+
+
+def state_dir_problem(directory: Path) -> str | None:
+    """Why the state directory must not be trusted, or None (also when it does not exist yet)."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"cannot examine state directory {directory}: {err.strerror}"
+    if stat.S_ISLNK(info.st_mode):
+        return f"state directory {directory} is a symbolic link; make it a directory"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"state directory {directory} is not a directory"
+    euid = os.geteuid()
+    owner = "root" if euid == 0 else f"uid {euid}"
+    if info.st_uid != euid:
+        return f"state directory {directory} is owned by uid {info.st_uid}, not {owner}; chown {owner} {directory}"
+    if info.st_mode & 0o022:
+        # Anyone who can write there can swap the ledger or the lock: bookings would mean nothing.
+        return (f"state directory {directory} is writable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod go-w {directory}")
+    return None
 
 
 class Ledger:
@@ -244,18 +343,30 @@ class Ledger:
 
     # ---- reading -----------------------------------------------------------------------------------
 
-    def _load(self) -> _Loaded | None:
-        """The file's contents, None if there is no file; LedgerCorrupt or LedgerError otherwise."""
+    def _read_file(self) -> bytes | None:
         try:
-            data = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise LedgerError(f"ledger {self.path} is a symbolic link; refusing to follow it") from None
             raise LedgerError(f"cannot read ledger {self.path}: {err.strerror}") from None
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                return handle.read()
+        except OSError as err:
+            raise LedgerError(f"cannot read ledger {self.path}: {err.strerror}") from None
+
+    def _examine(self) -> _Loaded | Salvage | None:
+        """The file's contents, what survives of them when damaged, or None if there is no file."""
+        data = self._read_file()
+        if data is None:
+            return None
         try:
             return self._parse(data)
         except LedgerCorrupt as err:
-            raise LedgerCorrupt(f"ledger {self.path} is corrupt: {err.message}") from None
+            return salvage(data, f"ledger {self.path} is corrupt: {err.message}")
 
     def _parse(self, data: bytes) -> _Loaded:
         try:
@@ -293,59 +404,83 @@ class Ledger:
                                 f"(uuid {duplicate.uuid}) is booked twice")
         return _Loaded(boot_id, reservations, _parse_grown(raw.get("grown")))
 
+    def _this_boot(self, boot_id: str | None, reservations: list[Reservation]) -> list[Reservation]:
+        # A damaged file whose boot id is unreadable keeps its entries: booking too much is safe, and
+        # collecting orphans frees what no live guest owns.
+        return reservations if boot_id in (None, self.boot_id) else []
+
     def read(self) -> list[Reservation]:
-        """A snapshot without the lock: [] if absent or from another boot; LedgerCorrupt if corrupt."""
-        loaded = self._load()
-        if loaded is None or loaded.boot_id != self.boot_id:
-            return []
-        return loaded.reservations
+        """A snapshot without the lock: [] if absent or from another boot; LedgerCorrupt if damaged."""
+        found = self._examine()
+        if isinstance(found, Salvage):
+            raise LedgerCorrupt(found.reason)
+        return [] if found is None else self._this_boot(found.boot_id, found.reservations)
+
+    def snapshot(self) -> tuple[list[Reservation], str | None]:
+        """For read-only views: the reservations, and over a damaged file what still reads plus why."""
+        found = self._examine()
+        if found is None:
+            return [], None
+        if isinstance(found, Salvage):
+            return self._this_boot(found.boot_id, found.reservations), found.summary()
+        return self._this_boot(found.boot_id, found.reservations), None
 
     def read_grown(self) -> dict[tuple[int, int], int]:
         """A snapshot of the pages the tool added per (node, page size), without the lock."""
-        loaded = self._load()
-        if loaded is None or loaded.boot_id != self.boot_id:
+        found = self._examine()
+        if found is None or found.boot_id not in (None, self.boot_id):
             return {}
-        return loaded.grown
+        return found.grown
 
     # ---- changing ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self, *, rebuild: Callable[[], Iterable[Reservation]] | None = None,
                     timeout: float | None = None) -> Iterator[Book]:
-        """Yield the Book under the host lock; write it back atomically if the block ends normally."""
+        """Yield the Book under the host lock; write it back atomically if the block ends normally.
+
+        Over a damaged file the Book holds every entry still readable plus, from ``rebuild``, the running
+        guests' entries it lost; without ``rebuild`` a damaged file raises LedgerCorrupt and stays.
+        """
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
             raise LedgerError(f"cannot create state directory {self.state_dir}: {err.strerror}") from None
+        problem = state_dir_problem(self.state_dir)
+        if problem:
+            raise LedgerError(problem)
         with HostLock(self.lock_path, self.lock_timeout if timeout is None else timeout):
             self._remove_stale_temps()
-            corrupt: LedgerCorrupt | None = None
+            found = self._examine()
+            damaged = found if isinstance(found, Salvage) else None
             reset = False
-            try:
-                loaded = self._load()
-            except LedgerCorrupt as err:
+            added = 0
+            if damaged is not None:
                 if rebuild is None:
-                    # Moving it aside now would leave an empty ledger for the next caller.
-                    raise
-                corrupt, loaded = err, None
-            if corrupt is not None and rebuild is not None:
-                book = Book(list(rebuild()))
-                duplicate = _duplicate(book.reservations)
-                if duplicate is not None:
-                    raise _double_booked(duplicate)
-            elif loaded is None:
+                    # Moving it aside now would leave a poorer ledger for the next caller.
+                    raise LedgerCorrupt(damaged.reason)
+                this_boot = damaged.boot_id in (None, self.boot_id)
+                book = Book(self._this_boot(damaged.boot_id, damaged.reservations),
+                            grown=damaged.grown if this_boot else {})
+                keys = {entry.key for entry in book.reservations}
+                for entry in rebuild():
+                    if entry.key not in keys:
+                        keys.add(entry.key)
+                        book.reservations.append(entry)
+                        added += 1
+            elif found is None:
                 book = Book()
-            elif loaded.boot_id != self.boot_id:
-                log.event("boot-changed", dropped=len(loaded.reservations))
+            elif found.boot_id != self.boot_id:
+                log.event("boot-changed", dropped=len(found.reservations))
                 book, reset = Book(), True
             else:
-                book = Book(loaded.reservations, grown=loaded.grown)
+                book = Book(found.reservations, grown=found.grown)
             yield book
-            if corrupt is not None:
+            if damaged is not None:
                 aside = self._keep_aside()
                 self._write(book)
-                log.warning(f"{corrupt.message}; kept as {aside}, "
-                            f"rebuilt {len(book.reservations)} reservations from running guests")
+                log.warning(f"{damaged.summary()}; kept as {aside}, "
+                            f"added {added} reservations of running guests it had lost")
             elif book.changed or reset:
                 self._write(book)
 
@@ -388,7 +523,7 @@ class Ledger:
         data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
         temp = self.state_dir / f"{_TEMP_PREFIX}{os.getpid()}"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 view = memoryview(data)
                 while view:
@@ -399,7 +534,7 @@ class Ledger:
             finally:
                 os.close(fd)
             os.replace(temp, self.path)
-            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 # The rename itself is durable only once the directory is.
                 os.fsync(dir_fd)
@@ -409,3 +544,19 @@ class Ledger:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
+
+
+def may_hold(state_dir: Path, uuid: str) -> bool:
+    """Could the ledger under ``state_dir`` hold an entry of ``uuid``?  False means surely not.
+
+    A byte search without the lock or a parse, for the hook's release calls: libvirt runs two after every
+    stop, and the second finds nothing left to do.  Any doubt (an unreadable file) answers True.
+    """
+    try:
+        data = (Path(state_dir) / _FILE_NAME).read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    # Entries store the uuid as a JSON string; a uuid needs no escaping.
+    return f'"{uuid}"'.encode() in data

@@ -153,30 +153,45 @@ def _mappers(ctx: HookContext, path: Path | str, inode: int | None = None) -> li
     return procmaps.mappers(ctx.proc, info.st_dev, info.st_ino)
 
 
-def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str) -> None:
-    """Remove entries from the book, delete their files when nobody maps them, return pinned pages."""
+def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str) -> list[Reservation]:
+    """Remove entries from the book, delete their files, return pinned pages; returns the entries kept.
+
+    A file some process still maps keeps its pages whatever we do: its entry stays booked (and counted)
+    until the mapping is gone, when collecting orphans or the guest's next prepare drops it.
+    """
+    kept, dropped = [], []
     for entry in entries:
-        book.remove_entry(entry)
         if entry.path:
             path = Path(entry.path)
             users = _mappers(ctx, path, entry.inode)
             if users:
-                log.warning(f"{path} is still mapped; left in place", entry.domain)
+                log.warning(f"{path} is still mapped by pid {users[0]}; its pages stay booked", entry.domain)
+                kept.append(entry)
                 continue
             if users is not None:
                 from .pin import remove_file
 
                 remove_file(path.parent, path.name)
+        book.remove_entry(entry)
+        dropped.append(entry)
         if entry.state == "pinned":
             ctx.backend.released(entry.node, entry.bytes)
-    _log_reservations(action, entries)
-    ctx.backend.give_back(ctx, book, entries)
+    _log_reservations(action, dropped)
+    ctx.backend.give_back(ctx, book, dropped)
+    return kept
+
+
+def _same_process(ctx: HookContext, pid: int, started_at: int | None) -> bool:
+    """``pid`` is alive and, when its start time was recorded, still the process it was then."""
+    if not procmaps.alive(ctx.proc, pid):
+        return False
+    return started_at is None or procmaps.start_ticks(ctx.proc, pid) == started_at
 
 
 def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
-    for entry in group:
-        if entry.pid and procmaps.alive(ctx.proc, entry.pid):
-            return True
+    recorded = {entry.pid: entry.pid_start for entry in group if entry.pid}
+    if any(_same_process(ctx, pid, started_at) for pid, started_at in recorded.items()):
+        return True
     name = group[0].domain
     if (ctx.run_dir / f"{name}.xml").exists():
         try:
@@ -184,7 +199,8 @@ def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
         except DmemError:
             # Another guest's damaged pid file must not fail this guest's start: treat it as alive.
             return True
-        if pid and procmaps.alive(ctx.proc, pid):
+        # A pid we recorded with its start time is judged by it: the pid may have been recycled.
+        if pid and _same_process(ctx, pid, recorded.get(pid)):
             return True
     return any(entry.path and _mappers(ctx, entry.path) for entry in group)
 
@@ -261,10 +277,12 @@ def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
 def _found_on_mount(ctx: HookContext, name: str, dom: DomainMemory, pid: int | None, origin: str,
                     dom_id: str | None) -> list[Reservation]:
     assert dom.metadata is not None and dom.uuid
+    started_at = procmaps.start_ticks(ctx.proc, pid) if pid else None
     # An adopted guest's cell whose node nothing shows (no <numatune>, no pages found) cannot be booked.
     entries = [Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
                            page_size=dom.metadata.page_size, backend=dom.metadata.backend,
-                           file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid)
+                           file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid,
+                           pid_start=started_at)
                for placed in backing_files(dom) if placed.node is not None]
     return ctx.backend.adopt(ctx, name, pid, dom_id, entries)
 
@@ -308,11 +326,18 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
             _log_reservations("adopt", mine)
             return
         if mine:
-            _drop(ctx, book, mine, "stale-dropped")
+            _refuse_still_mapped(name, _drop(ctx, book, mine, "stale-dropped"))
         placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
         entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
         _book(ctx, book, name, entries)
     _log_reservations("admit", entries)
+
+
+def _refuse_still_mapped(name: str, kept: list[Reservation]) -> None:
+    if kept:
+        raise PinError(f"{kept[0].path} of this guest's last run is still mapped by a process; "
+                       f"its {format_size(kept[0].bytes)} on host node {kept[0].node} stay booked until it exits",
+                       name)
 
 
 def _adoptable(mine: list[Reservation], dom: DomainMemory, wanted: dict[int, int]) -> bool:
@@ -406,7 +431,7 @@ def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, p
         # A second start over an entry pinned before (its release never came): those pages were
         # counted as taken once already.
         ctx.backend.released(entry.node, entry.bytes)
-    cpus = ctx.host.node(entry.node).cpus
+    cpus = ctx.host.node_cpus(entry.node)
     if threads <= 0:
         threads = max(1, min(len(cpus) or 1, 8))
     ctx.backend.allocated(name, entry.node, entry.bytes)
@@ -439,7 +464,8 @@ def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     uuid = _uuid(dom, name)
     pid = runtime.read_pid(ctx.run_dir, name)
     if pid is None:
-        raise DmemError(f"no QEMU pid file {ctx.run_dir / (name + '.pid')}", name)
+        raise DmemError(f"no QEMU pid file {ctx.run_dir / runtime.pid_file_names(name)[0]}", name)
+    started_at = procmaps.start_ticks(ctx.proc, pid)
     # A transaction, not a lock-free read: a corrupt ledger is rebuilt (this guest's status file and
     # QEMU already exist) instead of failing started, which would make libvirt kill the guest.
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
@@ -452,7 +478,7 @@ def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
                 raise DmemError(f"{placed.file}{where} was never pinned", name)
             entries.append(entry)
         verified = ctx.backend.verify(ctx, name, pid, entries)
-        book.replace_uuid(uuid, [replace(e, pid=pid) for e in verified])
+        book.replace_uuid(uuid, [replace(e, pid=pid, pid_start=started_at) for e in verified])
     log.event("verified", name, pid=pid, files=len(mine))
 
 
@@ -479,6 +505,19 @@ def _verify_mapped(ctx: HookContext, name: str, pid: int, entry: Reservation) ->
     if mapped < entry.bytes:
         raise DmemError(f"QEMU (pid {pid}) maps {format_size(mapped)} of {entry.path}, "
                         f"expected {format_size(entry.bytes)}", name)
+    _verify_bound(ctx, name, pid, Path(os.path.realpath(entry.path)), entry.node)
+
+
+def _verify_bound(ctx: HookContext, name: str, pid: int, path: Path, node: int) -> None:
+    # Pages come from the node of the mapping's policy at fault time: QEMU's mapping must be strictly
+    # bound to the node admission booked, or a later fault (after a balloon, a hot-unplug) lands elsewhere.
+    policies = procmaps.numa_policies(ctx.proc, pid, path)
+    if policies is None:
+        return  # a kernel without NUMA support has no numa_maps: there is nothing to bind to
+    wrong = [policy for policy in policies if policy != f"bind:{node}"] or ([] if policies else ["none"])
+    if wrong:
+        raise DmemError(f"QEMU (pid {pid}) maps {path} with NUMA policy {wrong[0]}, not bound to host node "
+                        f"{node}; check <numatune><memnode mode='strict'> of this guest", name)
 
 
 def release(ctx: HookContext, name: str, dom: DomainMemory) -> None:
@@ -504,6 +543,7 @@ def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None
         # Re-adopting without a pid beats failing: libvirt kills a guest whose reconnect hook fails.
         log.warning(f"reconnect without a pid: {err.message}", name)
         pid = None
+    started_at = procmaps.start_ticks(ctx.proc, pid) if pid else None
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(dom.uuid)
         if mine:
@@ -515,7 +555,8 @@ def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None
                 seen = on_mount.get(entry.file)
                 if entry.state != "pinned" and seen is not None and seen.state == "pinned":
                     entry = replace(entry, state="pinned", path=seen.path, inode=seen.inode)
-                readopted.append(replace(entry, pid=pid or entry.pid))
+                readopted.append(replace(entry, pid=pid or entry.pid,
+                                         pid_start=started_at if pid else entry.pid_start))
             book.replace_uuid(dom.uuid, readopted)
             log.event("readopt", name, pid=pid, files=len(mine))
         else:

@@ -26,16 +26,21 @@ def _open(path: Path) -> int:
     try:
         # O_CLOEXEC: a flock belongs to the open file description, so a program we exec must not
         # carry the host lock beyond our own lifetime.
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as err:
         raise LedgerError(f"cannot open host lock {path}: {err.strerror}") from None
 
 
 def _recorded_pid(path: Path) -> int | None:
     try:
-        text = path.read_bytes()[:_PID_WIDTH].decode("ascii", "replace").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, _PID_WIDTH)
+        finally:
+            os.close(fd)
     except OSError:
         return None
+    text = raw.decode("ascii", "replace").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 

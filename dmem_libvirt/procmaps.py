@@ -92,10 +92,17 @@ def numa_policy(proc: Path, pid: int, path: Path) -> str | None:
     ``path`` is compared with what the kernel prints: absolute, symlinks resolved.  None when the
     process does not map it (or is gone).
     """
+    policies = numa_policies(proc, pid, path)
+    return policies[0] if policies else None
+
+
+def numa_policies(proc: Path, pid: int, path: Path) -> list[str] | None:
+    """The policy of every mapping of ``path`` by ``pid``, in address order; None without a numa_maps."""
     text = _read(proc / str(pid) / "numa_maps")
-    if not text:
+    if text is None:
         return None
     wanted = str(path)
+    found = []
     for line in text.splitlines():
         fields = line.split(" ")
         if len(fields) < 3 or not fields[2].startswith("file="):
@@ -108,8 +115,8 @@ def numa_policy(proc: Path, pid: int, path: Path) -> str | None:
                 break
             parts.append(field)
         if " ".join(parts) == wanted:
-            return fields[1]
-    return None
+            found.append(fields[1])
+    return found
 
 
 @dataclass(frozen=True)

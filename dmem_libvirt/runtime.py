@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HostError
+from .xmlsafe import parse_stdlib
 
 SHORT_NAME_MAX = 20  # libvirt's VIR_DOMAIN_SHORT_NAME_MAX
 
@@ -72,18 +73,32 @@ class RunningDomain:
     domain: ET.Element     # the <domain> element of the status file
 
 
+def pid_file_names(name: str) -> list[str]:
+    """Names the pid file of domain ``name`` may have, libvirt 9.0's first.
+
+    libvirt 9.0 writes the name XML-escaped into the pid file's name (measured: ``q&apos;u.pid``, while the
+    status file is ``q'u.xml``); other versions may not.
+    """
+    escaped = name
+    for raw, entity in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("'", "&apos;"), ('"', "&quot;")):
+        escaped = escaped.replace(raw, entity)
+    return [f"{escaped}.pid"] if escaped == name else [f"{escaped}.pid", f"{name}.pid"]
+
+
 def read_pid(run_dir: Path, name: str) -> int | None:
     """The QEMU pid libvirt recorded for ``name``, or None when there is no pid file."""
-    path = run_dir / f"{name}.pid"
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise HostError(f"cannot read {path}: {err.strerror}") from None
-    if not text.isdigit():
-        raise HostError(f"cannot parse {path}: {text!r} is not a pid")
-    return int(text)
+    for file_name in pid_file_names(name):
+        path = run_dir / file_name
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise HostError(f"cannot read {path}: {err.strerror}") from None
+        if not text.isdigit():
+            raise HostError(f"cannot parse {path}: {text!r} is not a pid")
+        return int(text)
+    return None
 
 
 def running_names(run_dir: Path) -> list[str]:
@@ -102,8 +117,9 @@ def running_domains(run_dir: Path) -> Iterator[RunningDomain]:
     """Domains with a status file; unreadable ones are skipped (a status file may be mid-write)."""
     for name in running_names(run_dir):
         try:
-            root = ET.parse(run_dir / f"{name}.xml").getroot()
-        except (OSError, ET.ParseError):
+            raw = (run_dir / f"{name}.xml").read_bytes()
+            root = parse_stdlib(raw)
+        except (OSError, ET.ParseError, ValueError):
             continue
         domain = root if root.tag == "domain" else root.find("domain")
         if domain is None:

@@ -22,7 +22,8 @@ from .units import format_page_size, format_size
 def collect(ctx: HookContext) -> dict[str, Any]:
     """The machine-readable status (`status --json`)."""
     pools = ctx.backend.pools()
-    reservations = ctx.ledger.read()
+    # A read-only view answers over a damaged ledger (the next hook call or reconcile repairs it).
+    reservations, damage = ctx.ledger.snapshot()
     held: dict[int, dict[str, int]] = defaultdict(lambda: {"reserved": 0, "pinned": 0})
     for entry in reservations:
         held[entry.node][entry.state] += entry.bytes
@@ -64,7 +65,16 @@ def collect(ctx: HookContext) -> dict[str, Any]:
         "struct_page_saved": saved.bytes,
         "struct_page_saved_measured": saved.measured,
         "struct_page_saved_how": saved.how,
+        "ledger_damage": damage,
     }
+
+
+def damage_warning(status: dict[str, Any]) -> str | None:
+    """The line `status` prints on stderr when the ledger it showed is damaged."""
+    if not status["ledger_damage"]:
+        return None
+    return (f"dmem-libvirt: warning: showing what a damaged ledger still says: {status['ledger_damage']}; "
+            "the next hook call or 'dmem-libvirt reconcile' repairs it")
 
 
 def render(status: dict[str, Any]) -> str:
@@ -114,7 +124,25 @@ def reconcile(ctx: HookContext) -> list[str]:
 
 def check(ctx: HookContext) -> list[Finding]:
     """Every condition a working installation needs, each with its fix."""
-    return [*_check_hook(ctx), *ctx.backend.check(ctx), *_check_confinement(ctx)]
+    return [*_check_hook(ctx), *ctx.backend.check(ctx), *_check_confinement(ctx), *_check_state(ctx)]
+
+
+def _check_state(ctx: HookContext) -> list[Finding]:
+    from .ledger import state_dir_problem
+
+    directory = ctx.config.state.dir
+    problem = state_dir_problem(directory)
+    findings = [Finding(False, problem, "the hook refuses every guest of ours until this is fixed") if problem
+                else Finding(True, f"state directory {directory} belongs to root alone")]
+    _, damage = ctx.ledger.snapshot()
+    if damage:
+        findings.append(Finding(False, damage, "dmem-libvirt reconcile"))
+    aside = sorted(directory.glob("ledger.json.corrupt-*"))
+    if aside:
+        findings.append(Finding(False, f"{len(aside)} damaged ledger(s) were set aside, the last {aside[-1]}; "
+                                       "reservations they held that no running guest explained were dropped",
+                                f"compare with 'dmem-libvirt status', then remove {directory}/ledger.json.corrupt-*"))
+    return findings
 
 
 def _daemon(ctx: HookContext) -> str:

@@ -248,7 +248,7 @@ def _mem_free(node: FakeNode) -> int:
 
 def _cpus(cpus: str | Iterable[int]) -> list[int]:
     if isinstance(cpus, str):
-        from dmem_libvirt.host import parse_cpulist
+        from dmem_libvirt.cpulist import parse_cpulist
 
         return sorted(parse_cpulist(cpus))
     return sorted(cpus)

@@ -30,8 +30,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from dmem_libvirt import procmaps
 from dmem_libvirt.config import HostConfig
+from dmem_libvirt.cpulist import parse_cpulist
 from dmem_libvirt.errors import DmemError
-from dmem_libvirt.host import parse_cpulist
 from dmem_libvirt.units import GiB, KiB, MiB, format_page_size, format_size, parse_size
 
 APT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients", "qemu-system-x86",
@@ -64,6 +64,42 @@ MARKER = ".dmem-sandbox"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 INSIDE_URI = "qemu:///system"
+PR_SET_CHILD_SUBREAPER = 36
+# Runs argv (a daemon that forks into the background) as the child of a process that reaps every orphan
+# below it at once, then returns argv's status.  QEMU, daemonized by libvirtd, is such an orphan: without
+# this it is reparented to the machine's init, and libvirt's destroy waits until QEMU's zombie is reaped
+# (it polls kill(pid, 0) every 200 ms).  systemd reaps on SIGCHLD; the init of the machines the tests run
+# on reaps only on whole-second ticks, 1-2 s late (measured), which would dominate every destroy.
+REAPER = f"""\
+import ctypes, os, sys
+status_r, status_w = os.pipe()
+if os.fork():
+    os.close(status_w)
+    sys.exit(int(os.read(status_r, 16) or b"1"))
+os.close(status_r)
+os.setsid()
+if ctypes.CDLL(None, use_errno=True).prctl({PR_SET_CHILD_SUBREAPER}, 1, 0, 0, 0) != 0:
+    sys.exit("cannot become a child subreaper: " + os.strerror(ctypes.get_errno()))
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+os.write(status_w, str(status).encode())
+os.close(status_w)
+if status:
+    sys.exit(status)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -393,7 +429,8 @@ class Sandbox:
         # the restarts re-probed QEMU for 8 s).  One CPU keeps the cache valid; libvirt resets each QEMU's
         # affinity to every host CPU, so guests are not confined by this.
         cpu = min(os.sched_getaffinity(0))
-        self.run(["taskset", "--cpu-list", str(cpu), LIBVIRTD, "-d", "-p", "/run/libvirt/libvirtd.pid"])
+        self.run([sys.executable, "-I", "-S", "-c", REAPER,
+                  "taskset", "--cpu-list", str(cpu), LIBVIRTD, "-d", "-p", "/run/libvirt/libvirtd.pid"])
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             probe = self.run(["virsh", "-c", INSIDE_URI, "version"], check=False, timeout=START_TIMEOUT)

@@ -25,6 +25,7 @@ from lxml import etree
 
 from dmem_libvirt import define, hook
 from dmem_libvirt.config import Config, load
+from dmem_libvirt.errors import DmemError
 from dmem_libvirt.ledger import Ledger, Reservation
 from dmem_libvirt.lifecycle import HookContext
 from dmem_libvirt.units import MiB
@@ -147,32 +148,49 @@ class Rig:
         status.append(etree.fromstring(xml))
         run_dir = self.config.libvirt.run_dir
         (run_dir / f"{name}.xml").write_bytes(etree.tostring(status))
-        (run_dir / f"{name}.pid").write_text(f"{pid}\n")
+        # libvirt 9.0 XML-escapes the name in the pid file's name only (measured: q&apos;u.pid, q'u.xml).
+        (run_dir / f"{libvirt_escaped(name)}.pid").write_text(f"{pid}\n")
 
     def stopped(self, name: str) -> None:
         """What libvirt removes when a guest stops: status, pid and the memory directory's files."""
         run_dir = self.config.libvirt.run_dir
-        for suffix in (".xml", ".pid"):
-            (run_dir / f"{name}{suffix}").unlink(missing_ok=True)
+        (run_dir / f"{name}.xml").unlink(missing_ok=True)
+        (run_dir / f"{libvirt_escaped(name)}.pid").unlink(missing_ok=True)
         for directory in self.mount.glob(f"libvirt/qemu/*-{name[:20]}"):
             for file in directory.iterdir():
                 file.unlink()
             directory.rmdir()
 
-    def qemu(self, pid: int, files: Sequence[Path] = (), *, mapped: int | None = None) -> None:
-        """A process in the fake /proc that maps ``files`` (``mapped`` bytes of each, default all)."""
+    def qemu(self, pid: int, files: Sequence[Path] = (), *, mapped: int | None = None,
+             start_ticks: int | None = None, policy: str | None = None) -> None:
+        """A process in the fake /proc that maps ``files`` (``mapped`` bytes of each, default all).
+
+        numa_maps shows each mapping bound to the node its ledger entry names, or ``policy``.
+        """
         task = self.config.host.proc / str(pid)
         task.mkdir(parents=True, exist_ok=True)
-        (task / "stat").write_text(f"{pid} (qemu-system-x86) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0\n")
+        ticks = start_ticks if start_ticks is not None else 1000 + pid
+        # fs/proc/array.c do_task_stat: start time is field 22.
+        tail = " ".join(["0"] * 12 + [str(ticks)] + ["0"] * 30)
+        (task / "stat").write_text(f"{pid} (qemu-system-x86) S 1 {pid} {pid} 0 -1 4194560 {tail}\n")
+        try:
+            nodes = {e.path: e.node for e in self.reservations()}
+        except DmemError:
+            nodes = {}
         lines = ["55d4c0a00000-55d4c0c00000 r-xp 00000000 fd:01 1234   /usr/bin/qemu-system-x86_64"]
+        numa = ["55d4c0a00000 default file=/usr/bin/qemu-system-x86_64 mapped=512 N0=512 kernelpagesize_kB=4"]
         start = 0x7F0000000000
         for file in files:
             info = os.stat(file)
             length = info.st_size if mapped is None else mapped
             lines.append(f"{start:x}-{start + length:x} rw-s 00000000 "
                          f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x} {info.st_ino}   {file}")
+            bound = policy or f"bind:{nodes.get(str(file), 0)}"
+            numa.append(f"{start:x} {bound} file={os.path.realpath(file)} dirty={length // 4096} "
+                        f"N0={length // 4096} kernelpagesize_kB=4")
             start += length + PAGE
         (task / "maps").write_text("\n".join(lines) + "\n")
+        (task / "numa_maps").write_text("\n".join(numa) + "\n")
 
     def qemu_exits(self, pid: int) -> None:
         task = self.config.host.proc / str(pid)
@@ -194,6 +212,13 @@ class Rig:
 
     def total_free_pages(self) -> int:
         return int((self.config.dmemfs.debugfs / "free_dpages").read_text())
+
+
+def libvirt_escaped(name: str) -> str:
+    """A domain name as libvirt 9.0 writes it into the pid file's name."""
+    for raw, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("'", "&apos;"), ('"', "&quot;")):
+        name = name.replace(raw, escaped)
+    return name
 
 
 def start_guest(rig: Rig, name: str, xml: bytes, dom_id: int, pid: int) -> tuple[bytes, Path]:

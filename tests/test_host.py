@@ -17,8 +17,9 @@ from fakehost import (
 
 from dmem_libvirt.backends.dmemfs import DmemfsBackend
 from dmem_libvirt.config import Config, HostConfig, LibvirtConfig
+from dmem_libvirt.cpulist import parse_cpulist
 from dmem_libvirt.errors import HostError
-from dmem_libvirt.host import Host, fs_magic, parse_cpulist
+from dmem_libvirt.host import Host, fs_magic
 from dmem_libvirt.units import GiB
 
 # ---- parse_cpulist ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from dmem_libvirt import log
 from dmem_libvirt.errors import LedgerError
-from dmem_libvirt.ledger import VERSION, Book, Ledger, LedgerCorrupt, Reservation
+from dmem_libvirt.ledger import VERSION, Book, Ledger, LedgerCorrupt, Reservation, may_hold
 from dmem_libvirt.units import GiB, MiB
 
 BOOT = "0b7c2a4e-1111-4d2e-9c3a-000000000001"
@@ -156,14 +156,15 @@ CORRUPT = {
     "empty file": (b"", "not valid JSON"),
     "unknown field": (json.dumps({**valid_document(), "extra": 1}).encode(), "unknown field 'extra'"),
     "path traversal": (json.dumps(valid_document(res(file="../../etc/passwd"))).encode(),
-                       "field 'file' must be a plain file name"),
+                       "field 'file' '../../etc/passwd' is not a plain file name"),
 }
 
 
-@pytest.mark.parametrize("damage", CORRUPT.values(), ids=CORRUPT.keys())
-def test_a_corrupt_ledger_is_kept_aside_logged_and_rebuilt(ledger: Ledger, logged: Recorder,
-                                                           damage: tuple[bytes, str]) -> None:
-    data, reason = damage
+@pytest.mark.parametrize("damage", CORRUPT)
+def test_a_corrupt_ledger_is_kept_aside_logged_and_rebuilt(ledger: Ledger, logged: Recorder, damage: str) -> None:
+    data, reason = CORRUPT[damage]
+    # What still reads as a valid entry is kept; the running guests fill in what it lost.
+    kept = [res()] if damage == "duplicate" else []
     ledger.state_dir.mkdir()
     ledger.path.write_bytes(data)
     running = [res("db02", origin="rebuilt", state="pinned")]
@@ -174,15 +175,15 @@ def test_a_corrupt_ledger_is_kept_aside_logged_and_rebuilt(ledger: Ledger, logge
         return running
 
     with ledger.transaction(rebuild=rebuild) as book:
-        assert book.reservations == running
+        assert book.reservations == kept + running
     assert calls == [1]
-    assert ledger.read() == running
+    assert ledger.read() == kept + running
     [aside] = asides(ledger)
     assert aside.read_bytes() == data
     [warning] = logged.warnings
     assert reason in warning
     assert str(aside) in warning
-    assert "rebuilt 1 reservations" in warning
+    assert "added 1 reservations of running guests" in warning
 
 
 @pytest.mark.parametrize("damage", CORRUPT.values(), ids=CORRUPT.keys())
@@ -354,3 +355,12 @@ def test_a_malformed_grown_count_makes_the_ledger_corrupt(ledger: Ledger, grown:
     ledger.path.write_text(json.dumps(document))
     with pytest.raises(LedgerCorrupt, match=message):
         ledger.read()
+
+
+def test_may_hold_is_false_only_when_the_ledger_surely_lacks_the_uuid(tmp_path: Path) -> None:
+    held = "6f9a4c1e-0000-4000-8000-000000000001"
+    assert not may_hold(tmp_path, held)
+    (tmp_path / "ledger.json").write_text(json.dumps({"reservations": [{"uuid": held}]}))
+    assert may_hold(tmp_path, held)
+    assert not may_hold(tmp_path, held.replace("1", "2"))
+    assert may_hold(tmp_path / "ledger.json", held)  # not a directory: unreadable, so maybe

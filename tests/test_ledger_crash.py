@@ -61,7 +61,13 @@ def test_a_ledger_killed_at_any_moment_always_loads_and_never_double_books(tmp_p
     temps_seen = 0
     for kill in range(KILLS):
         child = FORK.Process(target=churn, args=(ledger.state_dir, kill + 1))
+        before = ledger.path.stat().st_ino
         child.start()
+        # Kill only once the child is churning (each commit renames a new inode into place): on a loaded
+        # machine its start-up alone can outlast the random delay.
+        deadline = time.monotonic() + 10
+        while ledger.path.stat().st_ino == before and time.monotonic() < deadline:
+            time.sleep(0.0005)
         time.sleep(rng.uniform(0, 0.020))
         os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
         child.join(10)

@@ -12,15 +12,16 @@ import json
 import mmap
 import os
 import subprocess
+import sys
 import syslog
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from lxml import etree
-from test_hook import PAGE, QEMU_GID, QEMU_UID, Call, Rig, enabled, guest_xml, live, start_guest
+from test_hook import PAGE, QEMU_GID, QEMU_UID, REPO, Call, Rig, enabled, guest_xml, live, start_guest
 
-from dmem_libvirt import define
+from dmem_libvirt import define, numa
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
 from dmem_libvirt.ledger import Ledger, Reservation
 from dmem_libvirt.pin import scan_for
@@ -327,13 +328,19 @@ def test_started_accepts_this_very_process_mapping_the_file_in_the_real_proc(tmp
         directory = rig.domain_dir(WEB, 5)
         assert rig.call(WEB, "start", "begin", xml).code == 0
         rig.running(WEB, xml, os.getpid())
-        with open(directory / "ram-node0", "r+b") as handle, mmap.mmap(handle.fileno(), 8 * MiB) as view:
+        fd = os.open(directory / "ram-node0", os.O_RDWR)
+        address = numa.map_shared(fd, 8 * MiB)
+        try:
+            # As QEMU does for memory-backend-file host-nodes=0 policy=bind.
+            numa.mbind(address, 8 * MiB, 0)
             assert rig.call(WEB, "started", "begin", xml) == Call(0, "", "")
             assert {e.pid for e in rig.reservations()} == {os.getpid()}
             # Pages a live process maps are not taken away under it.
             assert rig.call(WEB, "release", "end", xml) == Call(0, "", "")
             assert (directory / "ram-node0").exists()
-            del view
+        finally:
+            numa.unmap(address, 8 * MiB)
+            os.close(fd)
     finally:
         rig.close()
 
@@ -370,6 +377,52 @@ def test_second_release_is_a_no_op_that_exits_0(rig: Rig) -> None:
     after_first = ledger.stat().st_mtime_ns
     assert rig.call(WEB, "release", "end", running, extra="destroyed") == Call(0, "", "")
     assert ledger.stat().st_mtime_ns == after_first
+    assert rig.free_pages(0) == free
+
+
+def release_in_a_fresh_hook(rig: Rig, xml: bytes, operation: str = "release") -> tuple[int, list[str]]:
+    """The installed hook's path (its own interpreter, the default config file): exit status and imports."""
+    script = ("import sys\n"
+              f"sys.path.insert(0, {str(REPO)!r})\n"
+              "from dmem_libvirt import config, hook\n"
+              f"config.DEFAULT_PATH = config.Path({str(rig.config_path)!r})\n"
+              "code = hook.main(['hook', 'web01', sys.argv[1], 'end', '-'], sys.stdin.buffer, sys.stdout, sys.stderr)\n"
+              "print(' '.join(sorted(sys.modules)))\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-IS", "-c", script, operation], input=xml, capture_output=True,
+                          check=False, timeout=60)
+    assert done.stderr == b""
+    return done.returncode, done.stdout.decode().split()
+
+
+def test_release_after_the_stop_was_released_parses_nothing_and_leaves_the_ledger_alone(rig: Rig) -> None:
+    running, _ = start_guest(rig, WEB, enabled(guest_xml(WEB, [8 * MiB]), [0]), 5, 4242)
+    rig.qemu_exits(4242)
+    rig.stopped(WEB)
+    code, imported = release_in_a_fresh_hook(rig, running, "stopped")
+    assert code == 0
+    assert "dmem_libvirt.lifecycle" in imported
+    assert rig.reservations() == []
+    ledger = rig.config.state.dir / "ledger.json"
+    after_first = ledger.stat().st_mtime_ns
+
+    code, imported = release_in_a_fresh_hook(rig, running)
+
+    assert code == 0
+    assert [m for m in imported if m in ("xml.etree.ElementTree", "dmem_libvirt.lifecycle")] == []
+    assert ledger.stat().st_mtime_ns == after_first
+
+
+def test_release_in_a_fresh_hook_still_frees_what_the_ledger_holds(rig: Rig) -> None:
+    free = rig.free_pages(0)
+    running, _ = start_guest(rig, WEB, enabled(guest_xml(WEB, [8 * MiB]), [0]), 5, 4242)
+    rig.qemu_exits(4242)
+    rig.stopped(WEB)
+
+    code, _ = release_in_a_fresh_hook(rig, running)
+
+    assert code == 0
+    assert rig.reservations() == []
     assert rig.free_pages(0) == free
 
 
@@ -437,7 +490,7 @@ def test_reconnect_keeps_a_corrupt_ledger_aside_and_rebuilds_it(rig: Rig, logged
     assert [p.read_text() for p in aside] == ['{"version": 1, "reservations": [']
     assert sorted((e.domain, e.file, e.state, e.pid) for e in rig.reservations()) == [
         (WEB, "ram-node0", "pinned", 4242), (WEB, "ram-node1", "pinned", 4242)]
-    assert any("is corrupt" in line and aside[0].name in line and "rebuilt 2 reservations" in line
+    assert any("is corrupt" in line and aside[0].name in line and "added 2 reservations" in line
                for line in logged), logged
 
 

@@ -109,7 +109,11 @@ def test_every_page_is_allocated_by_the_pin_not_left_for_qemu_to_fault(mem_dir: 
 def test_fill_pattern_control_really_leaves_the_previous_tenants_data(mem_dir: Path) -> None:
     path = dirty_file(mem_dir, "previous", 4 * MiB)
 
-    assert scan_for(path, DIRTY) == 4 * MiB // len(DIRTY)
+    data = path.read_bytes()
+    pages = [data[at:at + 4096] for at in range(0, len(data), 4096)]
+    assert len(pages) == 1024
+    assert all(page.startswith(DIRTY) and page.endswith(DIRTY) for page in pages)
+    assert scan_for(path, DIRTY) == 2 * len(pages)
 
 
 def test_no_byte_of_the_previous_tenant_survives_the_pin(mem_dir: Path) -> None:
@@ -315,3 +319,26 @@ def test_scan_for_counts_occurrences_across_window_boundaries(tmp_path: Path) ->
         out.write(DIRTY)
 
     assert scan_for(path, DIRTY) == 2
+
+
+def test_zeroing_that_misses_one_page_leaves_the_pattern_for_a_scan_to_find(mem_dir: Path) -> None:
+    path = dirty_file(mem_dir, "previous", MiB)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        address = numa.map_shared(fd, MiB)
+        try:
+            skipped = 100 * 4096
+            numa.memset(address, 0, skipped)
+            numa.memset(address + skipped + 4096, 0, MiB - skipped - 4096)
+        finally:
+            numa.unmap(address, MiB)
+    finally:
+        os.close(fd)
+
+    assert scan_for(path, DIRTY) == 2
+
+
+@pytest.mark.parametrize("pattern", [b"", b"SEVEN!!", b"X" * 2056])
+def test_fill_pattern_refuses_a_pattern_it_cannot_lay_out_per_page(pattern: bytes) -> None:
+    with pytest.raises(ValueError, match="fill pattern must be"):
+        fill_pattern(pattern)

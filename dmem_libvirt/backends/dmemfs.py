@@ -156,7 +156,7 @@ class DmemfsBackend:
         from ..admission import node_rooms
 
         pools = self.pools()
-        local_cpus = {node: self.host.node(node).cpus for node in pools}
+        local_cpus = {node: self.host.node_cpus(node) for node in pools}
         return node_rooms(pools, held, local_cpus, except_uuid=except_uuid)
 
     # ---- lifecycle ----------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class HugetlbfsBackend:
             reserved = held_by_domain(r for r in others if r.node == node)
             if foreign:
                 reserved += (("mappings without dmem-libvirt metadata", foreign),)
-            rooms.append(NodeRoom(node, free * page_size + growth, reserved, self.host.node(node).cpus, note))
+            rooms.append(NodeRoom(node, free * page_size + growth, reserved, self.host.node_cpus(node), note))
         return rooms
 
     def _growth(self, node: int, nr: int, page_size: int) -> tuple[int, str]:
