@@ -117,18 +117,19 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
         if not ours:
             return 0
         raise
-    from .config import load
-
     if dom.metadata is None and not dom.file_backed:
         # Neither placed by us nor able to put its RAM on our filesystem: nothing to check or undo,
         # and nothing heavier than the stdlib parser was imported; unless it is a <hugepages> guest
         # that the configuration has the hugetlbfs backend admit.
         if not dom.hugepages:
             return 0
+        from .config import load
+
         config = config or (context.config if context else load())
         if config.adopt.hugepages != "admit" or config.backend_name != "hugetlbfs":
             return 0
     from . import lifecycle
+    from .config import load
 
     ctx = context or lifecycle.HookContext.create(config or load())
     if dom.metadata is None and handler in ("prepare", "start", "started", "reconnect"):

@@ -8,6 +8,8 @@ whose pinned files are really bound to host node 0, so guests that start are kep
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import syslog
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from lxml import etree
 from test_backend_hugetlbfs import call as huge_call
 from test_backend_hugetlbfs import qemu as qemu_maps
 from test_backend_hugetlbfs import ram
-from test_hook import PAGE, Call, Rig, live, start_guest
+from test_hook import PAGE, REPO, Call, Rig, live, start_guest
 from test_lifecycle import summary, zero_filled
 
 from dmem_libvirt import config, status
@@ -415,3 +417,24 @@ def test_reconnect_of_a_running_nova_hugepages_guest_re_adopts_it_on_its_node(tm
     made.state.dir.joinpath("ledger.json").unlink()
     assert huge_call(ctx, HUGE, "reconnect", "begin", xml) == Call(0, "", "")
     assert [(e.file, e.node, e.state, e.pid) for e in ctx.ledger.read()] == [("ram-node0", 0, "pinned", 4500)]
+
+
+@pytest.mark.parametrize("backing, config_read", [
+    ('<source type="memfd"/>', False),
+    ('<hugepages>\n      <page size="2048" nodeset="0" unit="KiB"/>\n    </hugepages>', True),
+], ids=["memfd", "hugepages"])
+def test_hook_reads_the_config_only_for_hugepages_guests_and_imports_no_lifecycle_for_them(
+        backing: str, config_read: bool) -> None:
+    xml = nova_xml(HUGE).replace(
+        b'<hugepages>\n      <page size="2048" nodeset="0" unit="KiB"/>\n    </hugepages>', backing.encode())
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from dmem_libvirt.hook import entry\n"
+              "sys.exit(entry())\n")
+    done = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c", script, HUGE, "prepare", "begin", "-"],
+                          input=xml, capture_output=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.decode().splitlines()
+                if line.startswith("import time:")]
+    assert "dmem_libvirt.domain" in imported
+    assert ("dmem_libvirt.config" in imported) == config_read
+    assert not [m for m in imported if m.startswith("lxml") or m in ("dmem_libvirt.lifecycle", "dmem_libvirt.adopt")]
