@@ -20,6 +20,7 @@ from lxml import etree
 from dmem_libvirt.units import GiB, MiB
 
 from .test_hook_e2e import (
+    STATE_DIR,
     assert_all_memory_returned,
     assert_pinned_and_mapped,
     domstate,
@@ -105,6 +106,22 @@ def test_hard_reboot_destroy_undefine_define_start_keeps_one_reservation_and_lea
     assert len(files_on_mount(box)) == 1
     box.virsh("destroy", NUMA)
     assert_all_memory_returned(box)
+
+
+@pytest.mark.parametrize("name, file", [(FLAT, "instance-flat.xml"), (NUMA, "instance-numa.xml")],
+                         ids=["from-qemu-pages", "from-memnode"])
+def test_restarting_libvirtd_after_the_ledger_was_lost_re_adopts_the_running_nova_guest(
+        admitting: Sandbox, name: str, file: str) -> None:
+    # Without <numatune> the node comes from where QEMU's pages are (its real /proc/<pid>/numa_maps).
+    box = admitting
+    box.define(nova_domain(box, file))
+    box.virsh("start", name)
+    pid = box.qemu_pid(name)
+    (box.private(STATE_DIR) / "ledger.json").unlink()
+    box.restart_libvirtd()
+    assert domstate(box, name) == "running"
+    assert assert_pinned_and_mapped(box, name, 128 * MiB) == pid
+    assert [(r["node"], r["origin"]) for r in reservations_of(box, name)] == [(0, "reconnect")]
 
 
 def test_nova_guest_beyond_the_pool_is_refused_at_prepare_with_the_line(admitting: Sandbox) -> None:
