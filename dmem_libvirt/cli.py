@@ -88,6 +88,8 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "reconcile": ("adopt running guests the ledger lost; free reservations no live guest owns",
                   "dmem-libvirt reconcile --dry-run"),
     "check": ("verify the installation; print each finding with its fix", "dmem-libvirt check"),
+    "nova-config": ("print the nova.conf lines and provider config YAML for this host's pools",
+                    "dmem-libvirt nova-config --reserve 4G"),
 }
 
 
@@ -141,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("reconcile").add_argument("--dry-run", action="store_true",
                                       help="print what would be adopted or freed and why; change nothing")
     command("check")
+    p = command("nova-config")
+    p.add_argument("--reserve", type=_size, metavar="SIZE",
+                   help="pool memory kept back from Nova (default: [nova] reserve, 0)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--conf", action="store_true", help="print only the nova.conf lines")
+    only.add_argument("--provider-yaml", action="store_true", help="print only the provider config YAML")
     return parser
 
 
@@ -357,6 +365,25 @@ def cmd_check(args: argparse.Namespace, config: config_mod.Config, conn: Connect
     return 0 if all(finding.ok for finding in findings) else 1
 
 
+def cmd_nova_config(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
+                    io: Streams) -> int:
+    from . import nova
+
+    backend = _context(config).backend
+    reserve = config.nova.reserve if args.reserve is None else args.reserve
+    settings = nova.host_settings(backend, reserve)
+    if not args.provider_yaml:
+        if not args.conf:
+            io.out("# ---- /etc/nova/nova.conf (merge into its sections) ----")
+        io.stdout.write(nova.nova_conf(settings))
+    if not args.conf:
+        if not args.provider_yaml:
+            io.out("")
+            io.out(f"# ---- {nova.PROVIDER_CONFIG_DIR}/dmem-libvirt.yaml ----")
+        io.stdout.write(nova.provider_yaml(settings))
+    return 0
+
+
 COMMANDS = {
     "rewrite": cmd_rewrite,
     "plan": cmd_plan,
@@ -368,4 +395,5 @@ COMMANDS = {
     "uninstall-hook": cmd_install_hook,
     "reconcile": cmd_reconcile,
     "check": cmd_check,
+    "nova-config": cmd_nova_config,
 }

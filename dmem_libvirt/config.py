@@ -77,6 +77,26 @@ class PinConfig:
     threads: int = 0
 
 
+# Guests without our metadata, per kind: what the hook does today first, then "admit".
+ADOPT_MODES = {"file_backed": ("refuse", "admit"), "hugepages": ("ignore", "admit")}
+
+
+@dataclass(frozen=True)
+class AdoptConfig:
+    # File-backed guests without our metadata whose RAM lands on the backend (as OpenStack Nova defines
+    # them): "refuse" them at prepare, or "admit" them through the same lifecycle as ours.
+    file_backed: str = "refuse"
+    # <hugepages> guests without our metadata (Nova's hw:mem_page_size) under the hugetlbfs backend:
+    # "ignore" them (libvirt and QEMU alone find out whether the pool suffices), or "admit" them.
+    hugepages: str = "ignore"
+
+
+@dataclass(frozen=True)
+class NovaConfig:
+    # Pool memory kept out of what `nova-config` tells Nova, for guests defined outside Nova.
+    reserve: int = 0
+
+
 @dataclass(frozen=True)
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
@@ -86,6 +106,8 @@ class Config:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     state: StateConfig = field(default_factory=StateConfig)
     pin: PinConfig = field(default_factory=PinConfig)
+    adopt: AdoptConfig = field(default_factory=AdoptConfig)
+    nova: NovaConfig = field(default_factory=NovaConfig)
     source: Path | None = None
 
     @property
@@ -106,6 +128,8 @@ _SECTIONS: dict[str, type] = {
     "libvirt": LibvirtConfig,
     "state": StateConfig,
     "pin": PinConfig,
+    "adopt": AdoptConfig,
+    "nova": NovaConfig,
 }
 
 
@@ -182,11 +206,15 @@ def _convert(section: str, key: str, value: Any) -> Any:
                 raise ValueError(f"node {node!r} is not a node number")
             out[int(node)] = parse_size(size)
         return out
-    if key == "page_size":
+    if key == "page_size" or (section, key) == ("nova", "reserve"):
         return parse_size(value)
     if section == "backend" and key == "name":
         if value not in BACKENDS:
             raise ValueError(f"{value!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+        return value
+    if section == "adopt":
+        if value not in ADOPT_MODES[key]:
+            raise ValueError(f"expected one of {', '.join(repr(m) for m in ADOPT_MODES[key])}, got {value!r}")
         return value
     if key in ("emulate",):
         if not isinstance(value, bool):

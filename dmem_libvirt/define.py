@@ -68,7 +68,7 @@ def plan(xml: bytes | str, *, page_size: int, rooms: Sequence[NodeRoom] | None, 
     if nodes:
         fixed = fixed_from_nodes(name, needs, nodes)
     elif dom.metadata is not None:
-        fixed = {placed.cell: placed.node for placed in dom.metadata.cells}
+        fixed = {placed.cell: placed.node for placed in dom.metadata.cells if placed.node is not None}
     else:
         fixed = {}
     if rooms is None:

@@ -38,7 +38,7 @@ class GuestCell:
 @dataclass(frozen=True)
 class CellPlacement:
     cell: int
-    node: int
+    node: int | None             # None: the host chooses at admission (an adopted guest without <numatune>)
     size: int
     file: str                    # the backend file QEMU maps: "ram-node<id>", or "pc.ram" without cells
 
@@ -49,6 +49,7 @@ class DmemMetadata:
     page_size: int
     cells: tuple[CellPlacement, ...]
     cellless: bool               # the guest had no <cpu><numa> cells
+    allowed: frozenset[int] = frozenset()   # host nodes a chosen placement may use (empty: any)
 
 
 @dataclass(frozen=True)

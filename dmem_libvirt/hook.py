@@ -137,12 +137,23 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
         raise
     if dom.metadata is None and not dom.file_backed:
         # Neither placed by us nor able to put its RAM on our filesystem: nothing to check or undo,
-        # and nothing heavier than the stdlib parser was imported.
-        return 0
+        # and nothing heavier than the stdlib parser was imported; unless it is a <hugepages> guest
+        # that the configuration has the hugetlbfs backend admit.
+        if not dom.hugepages:
+            return 0
+        from .config import load
+
+        config = config or (context.config if context else load())
+        if config.adopt.hugepages != "admit" or config.backend_name != "hugetlbfs":
+            return 0
     from . import lifecycle
     from .config import load
 
     ctx = context or lifecycle.HookContext.create(config or load())
+    if dom.metadata is None and handler in ("prepare", "start", "started", "reconnect"):
+        from .adopt import for_operation
+
+        dom = for_operation(ctx, root, dom, handler)
     if handler in ("migrate", "restore"):
         changed = lifecycle.incoming(ctx, name, xml, handler)
         if changed is not None:

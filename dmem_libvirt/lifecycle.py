@@ -119,8 +119,8 @@ def _uuid(dom: DomainMemory, name: str) -> str:
 
 
 def _recorded_placement(dom: DomainMemory) -> dict[int, int]:
-    """Guest cell -> host node, as the domain's metadata records it."""
-    return {placed.cell: placed.node for placed in backing_files(dom)}
+    """Guest cell -> host node, as the domain's metadata records it (cells the host chooses left out)."""
+    return {placed.cell: placed.node for placed in backing_files(dom) if placed.node is not None}
 
 
 def _new_reservations(ctx: HookContext, name: str, uuid: str, dom: DomainMemory,
@@ -139,6 +139,8 @@ def _admit(ctx: HookContext, book: Book, name: str, uuid: str, dom: DomainMemory
            *, fixed: dict[int, int] | None) -> dict[int, int]:
     assert dom.metadata is not None
     rooms = ctx.rooms(book.reservations, except_uuid=uuid, page_size=page_size)
+    if dom.metadata.allowed:
+        rooms = [room for room in rooms if room.node in dom.metadata.allowed]
     return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless,
                  kind=ctx.backend.pages)
 
@@ -315,6 +317,10 @@ def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
     for running in runtime.running_domains(ctx.run_dir):
         try:
             dom = read_domain(running.domain)
+            if dom.metadata is None:
+                from .adopt import for_running
+
+                dom = for_running(ctx, running.domain, dom, running.pid)
         except DmemError:
             continue
         if dom.metadata is None or not dom.uuid:
@@ -331,11 +337,12 @@ def _found_on_mount(ctx: HookContext, name: str, dom: DomainMemory, pid: int | N
                     dom_id: str | None) -> list[Reservation]:
     assert dom.metadata is not None and dom.uuid
     started_at = procmaps.start_ticks(ctx.proc, pid) if pid else None
+    # An adopted guest's cell whose node nothing shows (no <numatune>, no pages found) cannot be booked.
     entries = [Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
                            page_size=dom.metadata.page_size, backend=dom.metadata.backend,
                            file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid,
                            pid_start=started_at)
-               for placed in backing_files(dom)]
+               for placed in backing_files(dom) if placed.node is not None]
     return ctx.backend.adopt(ctx, name, pid, dom_id, entries)
 
 
@@ -528,7 +535,8 @@ def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         for placed in backing_files(dom):
             entry = mine.get(placed.file)
             if entry is None:
-                raise DmemError(f"{placed.file} on host node {placed.node} was never pinned", name)
+                where = "" if placed.node is None else f" on host node {placed.node}"
+                raise DmemError(f"{placed.file}{where} was never pinned", name)
             entries.append(entry)
         verified = ctx.backend.verify(ctx, name, pid, entries)
         book.replace_uuid(uuid, [replace(e, pid=pid, pid_start=started_at) for e in verified])

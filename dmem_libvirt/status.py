@@ -17,6 +17,7 @@ from .backends import Finding
 from .errors import DmemError
 from .ledger import Reservation
 from .lifecycle import HookContext, collect_orphans, find_orphans, rebuild_from_running
+from .nova import running_instances
 from .units import format_page_size, format_size
 
 
@@ -29,9 +30,13 @@ def collect(ctx: HookContext) -> dict[str, Any]:
     for entry in reservations:
         held[entry.node][entry.state] += entry.bytes
     domains: dict[str, dict[str, Any]] = {}
+    nova = running_instances(ctx.run_dir) if reservations else {}
     for entry in reservations:
+        instance = nova.get(entry.uuid)
         dom = domains.setdefault(entry.uuid, {"name": entry.domain, "uuid": entry.uuid, "bytes": 0,
-                                              "nodes": [], "state": entry.state, "pid": entry.pid})
+                                              "nodes": [], "state": entry.state, "pid": entry.pid,
+                                              "nova": instance and {"name": instance.name,
+                                                                    "flavor": instance.flavor}})
         dom["bytes"] += entry.bytes
         if entry.node not in dom["nodes"]:
             dom["nodes"].append(entry.node)
@@ -85,11 +90,16 @@ def render(status: dict[str, Any]) -> str:
                      f"{format_size(pool['reserved']):>11}  {format_size(pool['pinned']):>11}")
     lines.append("")
     if status["domains"]:
-        lines.append(f"{'DOMAIN':<24} {'NODES':<8} {'SIZE':>11}  {'STATE':<9} PID")
+        nova = any(dom["nova"] for dom in status["domains"])
+        lines.append(f"{'DOMAIN':<24} {'NODES':<8} {'SIZE':>11}  {'STATE':<9} {'PID':<8}"
+                     + ("NOVA INSTANCE (FLAVOR)" if nova else "").rstrip())
         for dom in status["domains"]:
             nodes = ",".join(str(n) for n in dom["nodes"])
-            lines.append(f"{dom['name']:<24} {nodes:<8} {format_size(dom['bytes']):>11}  "
-                         f"{dom['state']:<9} {dom['pid'] or '-'}")
+            line = (f"{dom['name']:<24} {nodes:<8} {format_size(dom['bytes']):>11}  "
+                    f"{dom['state']:<9} {dom['pid'] or '-'!s:<8}")
+            if dom["nova"]:
+                line += f"{dom['nova']['name']} ({dom['nova']['flavor']})"
+            lines.append(line.rstrip())
     else:
         lines.append("no domain holds reserved memory")
     lines.append("")
