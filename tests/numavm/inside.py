@@ -183,11 +183,8 @@ def restore_retargets_when_the_recorded_node_is_full(g: Guests) -> None:
         box.virsh("restore", SAVED)
     finally:
         box.private(SAVED).unlink(missing_ok=True)
-    seen = status(box)
-    expect(g.placed("moved", seen) == [1], f"moved: restored onto node(s) {g.placed('moved', seen)}, "
-                                           "its recorded node 0 being full")
-    origins = [r["origin"] for r in seen["reservations"] if r["domain"] == "moved"]
-    expect(all("restore" in o.split("+") for o in origins), f"moved: reservation origins {origins}")
+    expect(g.placed("moved") == [1], f"moved: restored onto node(s) {g.placed('moved')}, "
+                                     "its recorded node 0 being full")
     expect_on_node(box, "moved", "pc.ram", 1, CELL)
 
 
@@ -201,9 +198,9 @@ def migrate_retargets_when_the_recorded_node_is_full(g: Guests) -> None:
         expect(result.returncode == 0, f"migrate begin exited {result.returncode}: {result.stderr.strip()}")
         expect(re.search(r"<memory [^>]*nodeset=.1.", result.stdout) is not None,
                f"migrate begin printed no <numatune> on node 1:\n{result.stdout[:2000]}")
-        expect(g.placed("arriving") == [1], f"arriving: migrate begin reserved on {g.placed('arriving')}")
     finally:
-        # What libvirt runs when the incoming migration ends without a guest.
+        # What libvirt runs when the incoming migration ends without a guest: whatever migrate begin
+        # booked must come back.
         box.run([*hook, "release", "end", "-"], input=xml, check=False)
     expect(g.placed("arriving") == [], f"arriving: release end left reservations on {g.placed('arriving')}")
 
