@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 from .placement import CellNeed, NodeRoom
 
 if TYPE_CHECKING:
+    from .backends import Pool
     from .domain import DomainMemory
-    from .host import DmemPool
     from .ledger import Reservation
 
 
-def _by_domain(entries: Iterable[Reservation]) -> tuple[tuple[str, int], ...]:
+def held_by_domain(entries: Iterable[Reservation]) -> tuple[tuple[str, int], ...]:
     totals: dict[str, int] = defaultdict(int)
     for entry in entries:
         totals[entry.domain] += entry.bytes
@@ -28,7 +28,7 @@ def _by_domain(entries: Iterable[Reservation]) -> tuple[tuple[str, int], ...]:
 
 
 def node_rooms(
-    pools: Mapping[int, DmemPool],
+    pools: Mapping[int, Pool],
     held: Sequence[Reservation],
     node_cpus: Mapping[int, frozenset[int]],
     *,
@@ -44,9 +44,9 @@ def node_rooms(
         kernel_view = pool.free - sum(r.bytes for r in in_flight)
         ledger_view = pool.total - sum(r.bytes for r in on_node)
         if kernel_view <= ledger_view:
-            room = NodeRoom(node, pool.free, _by_domain(in_flight), node_cpus.get(node, frozenset()))
+            room = NodeRoom(node, pool.free, held_by_domain(in_flight), node_cpus.get(node, frozenset()))
         else:
-            room = NodeRoom(node, pool.total, _by_domain(on_node), node_cpus.get(node, frozenset()))
+            room = NodeRoom(node, pool.total, held_by_domain(on_node), node_cpus.get(node, frozenset()))
         rooms.append(room)
     return rooms
 

@@ -146,10 +146,10 @@ def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
     dom = read_domain(domxml.parse(xml).getroot())
     try:
         ctx = _context(config)
-        page = page_size or ctx.backend.page_size()
+        page = page_size or ctx.backend.page_size_for(dom)
         rooms: list[NodeRoom] | None
         try:
-            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid)
+            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid, page_size=page)
         except HostError as err:
             if not args.nodes:
                 raise HostError(f"{err.message}; or give the host nodes with --nodes") from None
@@ -185,7 +185,7 @@ def _domain_xml(args: argparse.Namespace, conn: Connection | None) -> tuple[Conn
 
 def placement_table(plan: Plan) -> list[str]:
     rooms = {room.node: room for room in plan.rooms}
-    lines = [f"{plan.name}: {format_page_size(plan.page_size)} dmem pages",
+    lines = [f"{plan.name}: {format_page_size(plan.page_size)} {plan.kind} pages",
              f"{'CELL':>4}  {'SIZE':>11}  {'NODE':>4}  {'NODE FREE':>11}  RESERVED BY OTHERS"]
     for need in plan.needs:
         node = plan.placement[need.cell]
@@ -230,7 +230,7 @@ def cmd_enable(args: argparse.Namespace, config: config_mod.Config, conn: Connec
         return 0
     virt.define(connection, plan.name, plan.rewritten.decode())
     later = "; takes effect at the next start" if active else ""
-    io.out(f"{plan.name}: enabled on {format_page_size(plan.page_size)} dmem pages ({cells}){later}")
+    io.out(f"{plan.name}: enabled on {format_page_size(plan.page_size)} {plan.kind} pages ({cells}){later}")
     return 0
 
 

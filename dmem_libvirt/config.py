@@ -37,6 +37,22 @@ class DmemfsConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    # "" = not set: dmemfs, or emulated when the older [dmemfs] emulate = true says so.
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class HugetlbfsConfig:
+    # None: libvirt's hugetlbfs_mount in qemu.conf, else the hugetlbfs mount in /proc/mounts.
+    mount: Path | None = None
+    # None: the page size of that mount.
+    page_size: int | None = None
+    # node -> bytes the tool may grow that node's pool to; a node without a limit is never grown.
+    limit: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class LibvirtConfig:
     qemu_conf: Path = Path("/etc/libvirt/qemu.conf")
     memory_backing_dir: Path | None = None
@@ -62,15 +78,28 @@ class PinConfig:
 class Config:
     host: HostConfig = field(default_factory=HostConfig)
     dmemfs: DmemfsConfig = field(default_factory=DmemfsConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    hugetlbfs: HugetlbfsConfig = field(default_factory=HugetlbfsConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     state: StateConfig = field(default_factory=StateConfig)
     pin: PinConfig = field(default_factory=PinConfig)
     source: Path | None = None
 
+    @property
+    def backend_name(self) -> str:
+        """The backend in use: [backend] name, else "emulated" for [dmemfs] emulate = true, else "dmemfs"."""
+        if self.backend.name:
+            return self.backend.name
+        return "emulated" if self.dmemfs.emulate else "dmemfs"
+
+
+BACKENDS = ("dmemfs", "hugetlbfs", "emulated")
 
 _SECTIONS: dict[str, type] = {
     "host": HostConfig,
     "dmemfs": DmemfsConfig,
+    "backend": BackendConfig,
+    "hugetlbfs": HugetlbfsConfig,
     "libvirt": LibvirtConfig,
     "state": StateConfig,
     "pin": PinConfig,
@@ -115,6 +144,10 @@ def parse(raw: dict[str, Any], *, source: Path | None = None) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{name}' must be a section{where}")
         sections[name] = _section(name, _SECTIONS[name], value, where)
+    chosen = sections.get("backend", BackendConfig()).name
+    if chosen and chosen != "emulated" and sections.get("dmemfs", DmemfsConfig()).emulate:
+        raise ConfigError(f"[dmemfs] emulate = true contradicts [backend] name = \"{chosen}\"{where}; "
+                          "remove emulate (write [backend] name = \"emulated\" for the emulation)")
     return Config(**sections, source=source)
 
 
@@ -132,7 +165,7 @@ def _section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _convert(section: str, key: str, value: Any) -> Any:
-    if section == "dmemfs" and key == "capacity":
+    if (section, key) in (("dmemfs", "capacity"), ("hugetlbfs", "limit")):
         if not isinstance(value, dict):
             raise TypeError("expected a table of node = size, e.g. 0 = \"16G\"")
         out: dict[int, int] = {}
@@ -141,8 +174,12 @@ def _convert(section: str, key: str, value: Any) -> Any:
                 raise ValueError(f"node {node!r} is not a node number")
             out[int(node)] = parse_size(size)
         return out
-    if section == "dmemfs" and key == "page_size":
+    if key == "page_size":
         return parse_size(value)
+    if section == "backend" and key == "name":
+        if value not in BACKENDS:
+            raise ValueError(f"{value!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+        return value
     if key in ("emulate",):
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, got {value!r}")

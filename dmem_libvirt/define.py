@@ -27,6 +27,7 @@ class Plan:
     rewritten: bytes
     warnings: tuple[str, ...]
     encoding: str = "UTF-8"          # of ``original`` and ``rewritten``, as the document declares it
+    kind: str = "dmem"               # how the pages are named: "dmem", or "huge" on hugetlbfs
 
     @property
     def changed(self) -> bool:
@@ -58,11 +59,12 @@ def plan(xml: bytes | str, *, page_size: int, rooms: Sequence[NodeRoom] | None, 
     original = xml.encode() if isinstance(xml, str) else bytes(xml)
     dom = read_domain(tree.getroot())
     name = dom.name
-    reason = unsupported(dom, page_size)
+    reason = unsupported(dom, page_size, backend=backend)
     if reason:
         raise DomainXMLError(reason, name)
     needs = needs_of(dom, page_size, round_up=round_up)
     cellless = not dom.cells
+    kind = "huge" if backend == "hugetlbfs" else "dmem"
     if nodes:
         fixed = fixed_from_nodes(name, needs, nodes)
     elif dom.metadata is not None:
@@ -75,16 +77,16 @@ def plan(xml: bytes | str, *, page_size: int, rooms: Sequence[NodeRoom] | None, 
         placement = fixed
     else:
         try:
-            placement = place(name, needs, rooms, page_size, fixed=fixed, cellless=cellless)
+            placement = place(name, needs, rooms, page_size, fixed=fixed, cellless=cellless, kind=kind)
         except PlacementError:
             if nodes or not fixed:
                 raise
             # The recorded placement no longer fits: choose afresh rather than keep a refusal.
-            placement = place(name, needs, rooms, page_size, cellless=cellless)
+            placement = place(name, needs, rooms, page_size, cellless=cellless, kind=kind)
     warnings = domxml.rewrite(tree, placement, page_size, backend=backend, round_up=round_up)
     return Plan(name=name, page_size=page_size, needs=tuple(needs), rooms=tuple(rooms or ()),
                 placement=dict(placement), original=original, rewritten=domxml.serialize(tree),
-                warnings=tuple(warnings), encoding=tree.docinfo.encoding or "UTF-8")
+                warnings=tuple(warnings), encoding=tree.docinfo.encoding or "UTF-8", kind=kind)
 
 
 def undo(xml: bytes | str) -> tuple[str, bytes | None]:

@@ -70,6 +70,7 @@ class DomainMemory:
     arch: str | None                         # <os><type arch=...>
     metadata: DmemMetadata | None
     vcpu_count: int = 0                      # <vcpu>N</vcpu>
+    hugepage_size: int | None = None         # <hugepages><page size= unit=> of the first <page>, in bytes
 
     @property
     def file_backed(self) -> bool:
@@ -140,7 +141,18 @@ def _read(root: Element, name: str) -> DomainMemory:
         arch=os_type.get("arch") if os_type is not None else None,
         metadata=_metadata(root),
         vcpu_count=vcpu_count,
+        hugepage_size=_hugepage_size(backing),
     )
+
+
+def _hugepage_size(backing: Element | None) -> int | None:
+    page = backing.find("hugepages/page") if backing is not None else None
+    if page is None or page.get("size") is None:
+        return None
+    try:
+        return libvirt_bytes(page.get("size"), page.get("unit"))
+    except ValueError as err:
+        raise DomainXMLError(f"<hugepages><page size>: {err}") from None
 
 
 def _cells(root: Element) -> tuple[GuestCell, ...]:
@@ -228,6 +240,8 @@ def unsupported(dom: DomainMemory, page_size: int, *, backend: str = "dmemfs") -
         # memory-backend-file align=1G, which libvirt has no XML for on guest RAM.
         return (f"{format_page_size(page_size)} dmemfs pages need QEMU align={format_page_size(page_size)}, "
                 "which libvirt cannot express for guest RAM; mount dmemfs with pagesize=2M or 4K")
+    if backend == "hugetlbfs":
+        return _unsupported_on_hugetlbfs(dom)
     if dom.hugepages:
         return ("<memoryBacking><hugepages/> already puts guest RAM on hugetlbfs; "
                 "remove it to place the guest on dmem")
@@ -242,6 +256,21 @@ def unsupported(dom: DomainMemory, page_size: int, *, backend: str = "dmemfs") -
     for model in dom.memory_devices:
         if model in _MEMORY_DEVICE_MODELS or model == "?":
             return (f"<devices><memory model='{model}'> is not backed by dmem yet; "
+                    "remove the memory device")
+    return None
+
+
+def _unsupported_on_hugetlbfs(dom: DomainMemory) -> str | None:
+    # libvirt itself gives hugepages guests memory-backend-file on its hugetlbfs mount; memfd would
+    # put guest RAM on hugetlb memory without a mount, which started cannot tell from anything else.
+    if dom.source_type == "memfd":
+        return ("<memoryBacking><source type='memfd'/> is not placed on the hugetlbfs pools; "
+                "remove it (libvirt then maps its hugetlbfs mount)")
+    if dom.allocation_mode == "ondemand":
+        return "<memoryBacking><allocation mode='ondemand'/> cannot be combined with hugepages; remove it"
+    for model in dom.memory_devices:
+        if model in _MEMORY_DEVICE_MODELS or model == "?":
+            return (f"<devices><memory model='{model}'> is not placed on the hugetlbfs pools yet; "
                     "remove the memory device")
     return None
 

@@ -183,7 +183,10 @@ def rewrite(tree: etree._ElementTree, placement: Mapping[int, int], page_size: i
         _undo_root(root)
     record = _Record()
     _resize(root, dom, sizes, record)
-    _back_with_files(root, record)
+    if backend == "hugetlbfs":
+        _back_with_hugepages(root, dom, page_size, record)
+    else:
+        _back_with_files(root, record)
     _bind_cells(root, dom, placement, record)
     _write_metadata(root, dom, dict(zip(cell_ids, sizes, strict=True)), placement, page_size, backend, record)
     return warnings
@@ -315,6 +318,31 @@ def _back_with_files(root: etree._Element, record: _Record) -> None:
             before = _BACKING_ORDER[: _BACKING_ORDER.index(tag)]
             _insert_after(backing, _last_of(backing, before), child)
         child.set(attribute, value)
+
+
+def _back_with_hugepages(root: etree._Element, dom: DomainMemory, page_size: int, record: _Record) -> None:
+    """libvirt's own hugepages XML: one <page> per guest cell (nodeset = the cell), or one for a cell-less guest.
+
+    libvirt then gives QEMU memory-backend-file on its hugetlbfs mount of that size, preallocated; the
+    definition starts as it is on a host without the tool.
+    """
+    backing = root.find("memoryBacking")
+    record.keep("memoryBacking", backing)
+    if backing is None:
+        backing = etree.Element("memoryBacking")
+        _insert_after(root, _last_of(root, _BACKING_AFTER), backing)
+    hugepages = backing.find("hugepages")
+    if hugepages is not None:
+        remove_element(hugepages)
+    hugepages = etree.Element("hugepages")
+    _insert_after(backing, None, hugepages)
+    for cell in dom.cells or (None,):
+        page = etree.Element("page")
+        page.set("size", str(page_size // KiB))
+        page.set("unit", "KiB")
+        if cell is not None:
+            page.set("nodeset", str(cell.id))
+        _insert_after(hugepages, _last_element(hugepages), page)
 
 
 def _bind_cells(root: etree._Element, dom: DomainMemory, placement: Mapping[int, int],

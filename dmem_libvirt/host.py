@@ -1,8 +1,9 @@
-"""Host reading: NUMA nodes from sysfs, dmem pools and page size from debugfs/statfs, libvirt's qemu.conf.
+"""Generic host reading: NUMA nodes from sysfs, the boot id, libvirt's qemu.conf, statfs.
 
-Every path comes from the Config; nothing is read until a method asks for it, and nothing is cached
-that can change (free counts).  Parsers are strict: a missing or malformed file raises HostError with
-one line quoting the file and the offending text, and saying what to do when there is something to do.
+What a backend's kernel interface exposes (dmem debugfs, hugetlbfs pools) is read by that backend, with
+the strict readers here (`read_text`, `read_decimal`).  Every path comes from the Config; nothing is read
+until a method asks for it, and nothing is cached that can change.  A missing or malformed file raises
+HostError with one line quoting the file and the offending text.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from .config import Config
 from .errors import HostError
-from .units import GiB, KiB, MiB, format_page_size
+from .units import KiB
 
-DMEMFS_MAGIC = 0x2ACE90C6
-VALID_PAGE_SIZES = (4 * KiB, 2 * MiB, GiB)
 # libvirt's built-in default when qemu.conf leaves memory_backing_dir unset (src/qemu/qemu_conf.c).
 DEFAULT_MEMORY_BACKING_DIR = Path("/var/lib/libvirt/qemu/ram")
 
 _DECIMAL = re.compile(r"[0-9]+\n?")
 _BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_NODE_DIR = re.compile(r"node([0-9]+)")
-_MOUNT_DEBUGFS = "mount -t debugfs none /sys/kernel/debug"
 _T = TypeVar("_T")
 
 
@@ -68,7 +65,7 @@ def _cpu_number(text: str) -> int:
 
 def fs_magic(path: Path | str) -> int:
     """The filesystem magic (statfs f_type) of the filesystem holding ``path``; raises OSError."""
-    return _statfs(path)[0]
+    return statfs(path)[0]
 
 
 @dataclass(frozen=True)
@@ -81,26 +78,18 @@ class NodeInfo:
     mem_free: int
 
 
-@dataclass(frozen=True)
-class DmemPool:
-    node: int
-    total: int
-    free: int
-
-
 class Host:
-    """Reads the host's NUMA topology and dmem state through the paths of one Config."""
+    """Reads the host's NUMA topology and libvirt's configuration through the paths of one Config."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._node_dir = config.host.sysfs / "devices" / "system" / "node"
-        self._debugfs = config.dmemfs.debugfs
 
     # ---- NUMA topology ---------------------------------------------------------------------------
 
     def online_nodes(self) -> list[int]:
         path = self._node_dir / "online"
-        return sorted(_parse(path, _read(path), parse_cpulist))
+        return sorted(_parse(path, read_text(path), parse_cpulist))
 
     def node(self, n: int) -> NodeInfo:
         directory = self._node_dir / f"node{n}"
@@ -110,9 +99,9 @@ class Host:
         cpulist = directory / "cpulist"
         distance = directory / "distance"
         meminfo = directory / "meminfo"
-        cpus = _parse(cpulist, _read(cpulist), parse_cpulist)
-        distances = _parse(distance, _read(distance), _parse_distances)
-        fields = _parse_meminfo(meminfo, _read(meminfo), n)
+        cpus = _parse(cpulist, read_text(cpulist), parse_cpulist)
+        distances = _parse(distance, read_text(distance), _parse_distances)
+        fields = _parse_meminfo(meminfo, read_text(meminfo), n)
         return NodeInfo(n, cpus, distances, fields["MemTotal"], fields["MemFree"])
 
     def nodes(self) -> list[NodeInfo]:
@@ -120,99 +109,11 @@ class Host:
 
     def boot_id(self) -> str:
         path = self.config.host.proc / "sys" / "kernel" / "random" / "boot_id"
-        text = _read(path)
+        text = read_text(path)
         value = text.strip()
         if not _BOOT_ID.fullmatch(value):
             raise HostError(f"cannot parse {path}: {text!r} is not a boot id (a UUID)")
         return value
-
-    # ---- dmem ------------------------------------------------------------------------------------
-
-    def debugfs_available(self) -> bool:
-        """True when the dmem debugfs directory can be read (debugfs mounted, kernel built with it)."""
-        return os.access(self._debugfs / "dpage_shift", os.R_OK)
-
-    def dmem_page_size(self) -> int:
-        """Bytes per dmem page: debugfs dpage_shift, else statfs of the mount, else [dmemfs] page_size."""
-        configured = self.config.dmemfs.page_size
-        if configured is not None and configured not in VALID_PAGE_SIZES:
-            raise HostError(f"[dmemfs] page_size {configured} bytes is not a dmem page size "
-                            f"(expected 4K, 2M or 1G)")
-        kernel, source = self._kernel_page_size()
-        if kernel is None:
-            if configured is None:
-                raise HostError(
-                    f"cannot tell the dmem page size: {self._debugfs / 'dpage_shift'} is missing or "
-                    f"reads 0 and {self.config.dmemfs.mount} is not a mounted dmemfs; mount dmemfs "
-                    f"(mount -t dmemfs none -o pagesize=2M {self.config.dmemfs.mount}), mount debugfs "
-                    f"({_MOUNT_DEBUGFS}) or set [dmemfs] page_size in the config")
-            return configured
-        if kernel not in VALID_PAGE_SIZES:
-            raise HostError(f"{source} gives a dmem page size of {kernel} bytes; "
-                            f"expected 4 KiB, 2 MiB or 1 GiB")
-        if configured is not None and configured != kernel:
-            raise HostError(f"[dmemfs] page_size is {format_page_size(configured)} but {source} says "
-                            f"{format_page_size(kernel)}; fix the config or remount dmemfs")
-        return kernel
-
-    def dmem_pools(self) -> dict[int, DmemPool]:
-        """Per node that has dmem: total and free bytes (debugfs, else [dmemfs] capacity)."""
-        if self.debugfs_available():
-            return self._debugfs_pools()
-        capacity = self.config.dmemfs.capacity
-        if capacity:
-            # Without the kernel's counts, free is the declared capacity: the ledger accounts for usage.
-            return {node: DmemPool(node, size, size) for node, size in sorted(capacity.items())}
-        raise HostError(
-            f"no dmem statistics: {self._debugfs} cannot be read (debugfs not mounted, or a kernel "
-            f"without CONFIG_DMEM_DEBUG_FS); mount it ({_MOUNT_DEBUGFS}) or set [dmemfs.capacity] "
-            f"in the config")
-
-    def _kernel_page_size(self) -> tuple[int | None, str]:
-        shift_path = self._debugfs / "dpage_shift"
-        if self.debugfs_available():
-            shift = _read_decimal(shift_path)
-            # The RFC sets dpage_shift when dmemfs is first mounted; before that it reads 0.
-            if shift:
-                if shift >= 64:
-                    raise HostError(f"cannot parse {shift_path}: shift {shift} is out of range")
-                return 1 << shift, str(shift_path)
-        mount = self.config.dmemfs.mount
-        try:
-            magic, block_size = _statfs(mount)
-        except FileNotFoundError:
-            return None, ""
-        except OSError as err:
-            raise HostError(f"cannot statfs {mount}: {err.strerror}") from None
-        # dmemfs fills f_bsize with its page size (and leaves the block counts empty).
-        if magic == DMEMFS_MAGIC:
-            return block_size, f"statfs({mount})"
-        return None, ""
-
-    def _debugfs_pools(self) -> dict[int, DmemPool]:
-        nodes = self._debugfs_nodes()
-        counts = {node: (_read_decimal(self._debugfs / f"node{node}" / "total_dpages"),
-                         _read_decimal(self._debugfs / f"node{node}" / "free_dpages")) for node in nodes}
-        unmounted = not _read_decimal(self._debugfs / "dpage_shift")
-        if unmounted and not any(total for total, _ in counts.values()):
-            raise HostError(f"dmemfs has not been mounted since boot ({self._debugfs} counts read 0 until "
-                            f"then): mount -t dmemfs none -o pagesize=2M {self.config.dmemfs.mount}")
-        page = self.dmem_page_size()
-        pools = {}
-        for node, (total, free) in counts.items():
-            if free > total:
-                raise HostError(f"{self._debugfs / f'node{node}'} reports {free} free dmem pages of "
-                                f"{total} total")
-            pools[node] = DmemPool(node, total * page, free * page)
-        return pools
-
-    def _debugfs_nodes(self) -> list[int]:
-        # The RFC creates node<N>/ only for nodes that have dmem.
-        try:
-            names = os.listdir(self._debugfs)
-        except OSError as err:
-            raise HostError(f"cannot list {self._debugfs}: {err.strerror}") from None
-        return sorted(int(m.group(1)) for name in names if (m := _NODE_DIR.fullmatch(name)))
 
     # ---- libvirt ---------------------------------------------------------------------------------
 
@@ -221,28 +122,34 @@ class Host:
         override = self.config.libvirt.memory_backing_dir
         if override is not None:
             return override
+        value = self.qemu_conf_value("memory_backing_dir")
+        if value is None:
+            return DEFAULT_MEMORY_BACKING_DIR
+        if not isinstance(value, str) or not value.startswith("/"):
+            path = self.config.libvirt.qemu_conf
+            raise HostError(f"cannot parse {path}: memory_backing_dir = {value!r} is not an absolute path")
+        return Path(value)
+
+    def qemu_conf_value(self, key: str) -> ConfValue | None:
+        """The value of ``key`` in libvirt's qemu.conf; None when unset or when there is no qemu.conf."""
         path = self.config.libvirt.qemu_conf
         try:
             text = path.read_text()
         except FileNotFoundError:
-            return DEFAULT_MEMORY_BACKING_DIR
+            return None
         except (OSError, UnicodeDecodeError) as err:
             raise HostError(f"cannot read {path}: {_reason(err)}") from None
         try:
-            value = _conf_value(text, "memory_backing_dir")
+            return _conf_value(text, key)
         except ValueError as err:
             raise HostError(f"cannot parse {path}: {err}") from None
-        if value is None:
-            return DEFAULT_MEMORY_BACKING_DIR
-        if not isinstance(value, str) or not value.startswith("/"):
-            raise HostError(f"cannot parse {path}: memory_backing_dir = {value!r} is not an absolute path")
-        return Path(value)
 
 
 # ---- file reading and parsing -------------------------------------------------------------------
 
 
-def _read(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The text of a host file; HostError naming the file when it cannot be read."""
     try:
         return path.read_text()
     except FileNotFoundError:
@@ -257,8 +164,9 @@ def _reason(err: OSError | UnicodeDecodeError) -> str:
     return err.strerror or str(err)
 
 
-def _read_decimal(path: Path) -> int:
-    text = _read(path)
+def read_decimal(path: Path) -> int:
+    """The one decimal number (and optional newline) a sysfs/debugfs/procfs counter holds."""
+    text = read_text(path)
     if not _DECIMAL.fullmatch(text):
         raise HostError(f"cannot parse {path}: {text!r} is not a decimal number")
     return int(text)
@@ -388,7 +296,7 @@ def _conf_parse_value(tokens: list[tuple[str, str, int]], position: int, line: i
 
 
 # ---- statfs(2) ----------------------------------------------------------------------------------
-# os.statvfs has no f_type, and only f_type tells dmemfs apart: call libc's statfs through ctypes,
+# os.statvfs has no f_type, and only f_type tells dmemfs (and hugetlbfs) apart: call libc's statfs through ctypes,
 # loaded on first use so that a caller that never asks for a magic number never pays for ctypes.
 
 
@@ -419,7 +327,7 @@ def _libc_statfs() -> tuple[Any, type[Any]]:
     return function, Statfs
 
 
-def _statfs(path: Path | str) -> tuple[int, int]:
+def statfs(path: Path | str) -> tuple[int, int]:
     """(f_type, f_bsize) of the filesystem holding ``path``; raises OSError."""
     import ctypes
 

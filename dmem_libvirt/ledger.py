@@ -29,7 +29,7 @@ ORIGINS = frozenset({"prepare", "start", "migrate", "restore", "reconnect", "reb
 _FILE_NAME = "ledger.json"
 _LOCK_NAME = "lock"
 _TEMP_PREFIX = f".{_FILE_NAME}.tmp-"
-_ENVELOPE = ("version", "boot_id", "written", "reservations")
+_ENVELOPE = ("version", "boot_id", "written", "reservations", "grown")
 
 
 class LedgerCorrupt(LedgerError):
@@ -147,6 +147,19 @@ class Book:
 
     reservations: list[Reservation] = field(default_factory=list)
     changed: bool = False
+    # (host node, page size) -> pages the tool added to that kernel pool and has not given back yet.
+    grown: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def set_grown(self, node: int, page_size: int, pages: int) -> None:
+        """Record how many pages of that pool the tool added (0 forgets the pool)."""
+        key = (node, page_size)
+        if self.grown.get(key, 0) == pages:
+            return
+        if pages:
+            self.grown[key] = pages
+        else:
+            self.grown.pop(key, None)
+        self.changed = True
 
     def for_uuid(self, uuid: str) -> list[Reservation]:
         return [r for r in self.reservations if r.uuid == uuid]
@@ -199,6 +212,24 @@ class Book:
 class _Loaded:
     boot_id: str
     reservations: list[Reservation]
+    grown: dict[tuple[int, int], int]
+
+
+def _parse_grown(raw: object) -> dict[tuple[int, int], int]:
+    """The optional "grown" list: [{"node": N, "page_size": bytes, "pages": n}, ...]."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise LedgerCorrupt(f"field 'grown' must be a list, got {raw!r}")
+    grown: dict[tuple[int, int], int] = {}
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"node", "page_size", "pages"}:
+            raise LedgerCorrupt(f"field 'grown' holds {item!r}, not {{node, page_size, pages}}")
+        key = (_int("node", item["node"], 0), _int("page_size", item["page_size"], 1))
+        if key in grown:
+            raise LedgerCorrupt(f"field 'grown' lists node {key[0]} page size {key[1]} twice")
+        grown[key] = _int("pages", item["pages"], 1)
+    return grown
 
 
 class Ledger:
@@ -260,7 +291,7 @@ class Ledger:
         if duplicate is not None:
             raise LedgerCorrupt(f"{duplicate.file} of domain {duplicate.domain} "
                                 f"(uuid {duplicate.uuid}) is booked twice")
-        return _Loaded(boot_id, reservations)
+        return _Loaded(boot_id, reservations, _parse_grown(raw.get("grown")))
 
     def read(self) -> list[Reservation]:
         """A snapshot without the lock: [] if absent or from another boot; LedgerCorrupt if corrupt."""
@@ -268,6 +299,13 @@ class Ledger:
         if loaded is None or loaded.boot_id != self.boot_id:
             return []
         return loaded.reservations
+
+    def read_grown(self) -> dict[tuple[int, int], int]:
+        """A snapshot of the pages the tool added per (node, page size), without the lock."""
+        loaded = self._load()
+        if loaded is None or loaded.boot_id != self.boot_id:
+            return {}
+        return loaded.grown
 
     # ---- changing ----------------------------------------------------------------------------------
 
@@ -301,15 +339,15 @@ class Ledger:
                 log.event("boot-changed", dropped=len(loaded.reservations))
                 book, reset = Book(), True
             else:
-                book = Book(loaded.reservations)
+                book = Book(loaded.reservations, grown=loaded.grown)
             yield book
             if corrupt is not None:
                 aside = self._keep_aside()
-                self._write(book.reservations)
+                self._write(book)
                 log.warning(f"{corrupt.message}; kept as {aside}, "
                             f"rebuilt {len(book.reservations)} reservations from running guests")
             elif book.changed or reset:
-                self._write(book.reservations)
+                self._write(book)
 
     def _keep_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -334,16 +372,19 @@ class Ledger:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
-    def _write(self, reservations: list[Reservation]) -> None:
-        duplicate = _duplicate(reservations)
+    def _write(self, book: Book) -> None:
+        duplicate = _duplicate(book.reservations)
         if duplicate is not None:
             raise _double_booked(duplicate)
-        document = {
+        document: dict[str, object] = {
             "version": VERSION,
             "boot_id": self.boot_id,
             "written": time.time(),
-            "reservations": [r.to_json() for r in reservations],
+            "reservations": [r.to_json() for r in book.reservations],
         }
+        if book.grown:
+            document["grown"] = [{"node": node, "page_size": size, "pages": pages}
+                                 for (node, size), pages in sorted(book.grown.items())]
         data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
         temp = self.state_dir / f"{_TEMP_PREFIX}{os.getpid()}"
         try:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import log, procmaps, runtime
-from .admission import cell_needs, node_rooms
+from .admission import cell_needs
 from .backends import Backend, open_backend
+from .backends.dmemfs import DMEMFS_MAGIC
 from .config import Config
 from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
-from .errors import DmemError, PinError, PlacementError
-from .host import DMEMFS_MAGIC, Host, fs_magic
+from .errors import DmemError, HostError, PinError, PlacementError
+from .host import Host, fs_magic
 from .ledger import Book, Ledger, Reservation
 from .placement import NodeRoom, place
 from .units import format_page_size, format_size
@@ -50,11 +51,10 @@ class HookContext:
     def run_dir(self) -> Path:
         return self.config.libvirt.run_dir
 
-    def rooms(self, held: Sequence[Reservation], *, except_uuid: str | None) -> list[NodeRoom]:
+    def rooms(self, held: Sequence[Reservation], *, except_uuid: str | None,
+              page_size: int | None = None) -> list[NodeRoom]:
         """Each pool's room for a domain, given what the ledger holds (``except_uuid``'s own entries aside)."""
-        pools = self.backend.pools()
-        local_cpus = {node: self.host.node(node).cpus for node in pools}
-        return node_rooms(pools, held, local_cpus, except_uuid=except_uuid)
+        return self.backend.rooms(held, page_size or self.backend.page_size(), except_uuid=except_uuid)
 
     def rebuild(self) -> list[Reservation]:
         return rebuild_from_running(self)
@@ -68,7 +68,8 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
     backing = ctx.host.memory_backing_dir()
     try:
         real_backing, real_mount = backing.resolve(), ctx.backend.mount.resolve()
-    except OSError:
+    except (OSError, HostError):
+        # HostError: a backend without a mount yet (hugetlbfs unmounted) cannot hold anyone's RAM.
         return False
     if real_backing == real_mount or real_mount in real_backing.parents:
         return True
@@ -84,12 +85,13 @@ def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata) -> int:
         raise DmemError(
             f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
             f"run 'dmem-libvirt enable {name}' again", name)
-    page_size = ctx.backend.page_size()
-    if meta.page_size != page_size:
+    sizes = ctx.backend.page_sizes()
+    if meta.page_size not in sizes:
+        used = " or ".join(format_page_size(size) for size in sizes)
         raise DmemError(
             f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
-            f"{format_page_size(page_size)} pages; run 'dmem-libvirt enable {name}' again", name)
-    return page_size
+            f"{used} pages; run 'dmem-libvirt enable {name}' again", name)
+    return meta.page_size
 
 
 def _uuid(dom: DomainMemory, name: str) -> str:
@@ -118,8 +120,16 @@ def _new_reservations(ctx: HookContext, name: str, uuid: str, dom: DomainMemory,
 def _admit(ctx: HookContext, book: Book, name: str, uuid: str, dom: DomainMemory, page_size: int,
            *, fixed: dict[int, int] | None) -> dict[int, int]:
     assert dom.metadata is not None
-    rooms = ctx.rooms(book.reservations, except_uuid=uuid)
-    return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless)
+    rooms = ctx.rooms(book.reservations, except_uuid=uuid, page_size=page_size)
+    return place(name, cell_needs(dom), rooms, page_size, fixed=fixed, cellless=dom.metadata.cellless,
+                 kind=ctx.backend.pages)
+
+
+def _book(ctx: HookContext, book: Book, name: str, entries: list[Reservation]) -> None:
+    """Record new entries and let the backend make its pools hold them (it undoes its own change on refusal)."""
+    for entry in entries:
+        book.add(entry)
+    ctx.backend.reserve(book, name, entries)
 
 
 def _log_reservations(action: str, entries: Iterable[Reservation], **extra: object) -> None:
@@ -159,6 +169,7 @@ def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str)
         if entry.state == "pinned":
             ctx.backend.released(entry.node, entry.bytes)
     _log_reservations(action, entries)
+    ctx.backend.give_back(ctx, book, entries)
 
 
 def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
@@ -245,21 +256,28 @@ def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
 def _found_on_mount(ctx: HookContext, name: str, dom: DomainMemory, pid: int | None, origin: str,
                     dom_id: str | None) -> list[Reservation]:
     assert dom.metadata is not None and dom.uuid
+    entries = [Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
+                           page_size=dom.metadata.page_size, backend=dom.metadata.backend,
+                           file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid)
+               for placed in backing_files(dom)]
+    return ctx.backend.adopt(ctx, name, pid, dom_id, entries)
+
+
+def files_on_mount(ctx: HookContext, name: str, dom_id: str | None,
+                   entries: Sequence[Reservation]) -> list[Reservation]:
+    """File-backed backends: an entry whose file exists in the guest's memory directory is pinned."""
     directories = runtime.domain_dir_candidates(ctx.host.memory_backing_dir(), name, dom_id)
-    entries = []
-    for placed in backing_files(dom):
-        entry = Reservation(domain=name, uuid=dom.uuid, node=placed.node, bytes=placed.size,
-                            page_size=dom.metadata.page_size, backend=dom.metadata.backend,
-                            file=placed.file, state="reserved", origin=origin, created=ctx.clock(), pid=pid)
+    found = []
+    for entry in entries:
         for directory in directories:
             try:
-                info = os.stat(directory / placed.file, follow_symlinks=False)
+                info = os.stat(directory / entry.file, follow_symlinks=False)
             except OSError:
                 continue
-            entry = replace(entry, state="pinned", path=str(directory / placed.file), inode=info.st_ino)
+            entry = replace(entry, state="pinned", path=str(directory / entry.file), inode=info.st_ino)
             break
-        entries.append(entry)
-    return entries
+        found.append(entry)
+    return found
 
 
 # ---- the operations -------------------------------------------------------------------------------
@@ -274,12 +292,7 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
         return
     uuid = _uuid(dom, name)
     page_size = check_metadata(ctx, name, dom.metadata)
-    if not backing_dir_on_backend(ctx):
-        # libvirt would put the guest's RAM files elsewhere and start begin would refuse them:
-        # refuse now, before any page is booked.
-        mount = ctx.backend.mount
-        raise DmemError(f"memory_backing_dir {ctx.host.memory_backing_dir()} is not on the {ctx.backend.fs_name} "
-                        f"mount {mount}; set memory_backing_dir = \"{mount}\" in qemu.conf", name)
+    ctx.backend.ready(ctx, name)
     wanted = _recorded_placement(dom)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
@@ -292,8 +305,7 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
             _drop(ctx, book, mine, "stale-dropped")
         placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
         entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
-        for entry in entries:
-            book.add(entry)
+        _book(ctx, book, name, entries)
     _log_reservations("admit", entries)
 
 
@@ -310,30 +322,36 @@ def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) ->
         return
     uuid = _uuid(dom, name)
     try:
-        pinned, directory = _start(ctx, name, dom, uuid, dom_id)
+        ctx.backend.start(ctx, name, dom, uuid, dom_id)
     except BaseException:
         # The guest will not run: give its pages back now rather than wait for release end, which
         # libvirt runs after a failed start but which may be delayed or lost with the daemon.
         _release_quietly(ctx, name, uuid)
         raise
-    _log_reservations("pin", pinned, dir=directory)
 
 
-def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
-           dom_id: str | None) -> tuple[list[Reservation], Path]:
-    from .pin import remove_file
-
+def reservations_at_start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str) -> list[Reservation]:
+    """This guest's entries at ``start begin``, admitting it now if ``prepare`` did not run for this start."""
     assert dom.metadata is not None
     page_size = check_metadata(ctx, name, dom.metadata)
-    directory = _domain_dir(ctx, name, dom_id)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(uuid)
         if not mine:
             # prepare did not run for this start (e.g. the hook was installed in between): admit now.
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=_recorded_placement(dom))
             mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
-            for entry in mine:
-                book.add(entry)
+            _book(ctx, book, name, mine)
+    return mine
+
+
+def pin_files(ctx: HookContext, name: str, dom: DomainMemory, uuid: str, dom_id: str | None) -> None:
+    """File-backed backends at ``start begin``: create, size, bind, zero and hand over every backing file."""
+    from .pin import remove_file
+
+    assert dom.metadata is not None
+    page_size = check_metadata(ctx, name, dom.metadata)
+    directory = _domain_dir(ctx, name, dom_id)
+    mine = reservations_at_start(ctx, name, dom, uuid)
     owner = directory.stat()
     threads = ctx.config.pin.threads
     pinned: list[Reservation] = []
@@ -347,7 +365,7 @@ def _start(ctx: HookContext, name: str, dom: DomainMemory, uuid: str,
             remove_file(directory, entry.file)
             ctx.backend.released(entry.node, entry.bytes)
         raise
-    return pinned, directory
+    _log_reservations("pin", pinned, dir=directory)
 
 
 def _domain_dir(ctx: HookContext, name: str, dom_id: str | None) -> Path:
@@ -420,16 +438,28 @@ def started(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     # QEMU already exist) instead of failing started, which would make libvirt kill the guest.
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = {e.file: e for e in book.for_uuid(uuid)}
+        entries = []
         for placed in backing_files(dom):
-            _verify_mapped(ctx, name, pid, placed.file, placed.node, mine.get(placed.file))
-        book.replace_uuid(uuid, [replace(e, pid=pid) for e in mine.values()])
+            entry = mine.get(placed.file)
+            if entry is None:
+                raise DmemError(f"{placed.file} on host node {placed.node} was never pinned", name)
+            entries.append(entry)
+        verified = ctx.backend.verify(ctx, name, pid, entries)
+        book.replace_uuid(uuid, [replace(e, pid=pid) for e in verified])
     log.event("verified", name, pid=pid, files=len(mine))
 
 
-def _verify_mapped(ctx: HookContext, name: str, pid: int, file: str, node: int, entry: Reservation | None) -> None:
+def verify_files(ctx: HookContext, name: str, pid: int, entries: Sequence[Reservation]) -> list[Reservation]:
+    """File-backed backends at ``started begin``: QEMU maps the very files that were pinned."""
+    for entry in entries:
+        _verify_mapped(ctx, name, pid, entry)
+    return list(entries)
+
+
+def _verify_mapped(ctx: HookContext, name: str, pid: int, entry: Reservation) -> None:
     # Without a pinned file QEMU created its own, which on dmemfs faults past its end (SIGBUS).
-    if entry is None or entry.state != "pinned" or not entry.path:
-        raise DmemError(f"{file} on host node {node} was never pinned", name)
+    if entry.state != "pinned" or not entry.path:
+        raise DmemError(f"{entry.file} on host node {entry.node} was never pinned", name)
     try:
         info = os.stat(entry.path, follow_symlinks=False)
     except FileNotFoundError:
@@ -509,7 +539,6 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
         except PlacementError:
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
-        for entry in _new_reservations(ctx, name, uuid, dom, placement, origin):
-            book.add(entry)
+        _book(ctx, book, name, _new_reservations(ctx, name, uuid, dom, placement, origin))
     log.event(origin, name, placement=placement)
     return serialize(tree) if retarget(tree, placement) else None

@@ -49,6 +49,7 @@ class NodeRoom:
     free: int  # bytes free in the node's pool (kernel/backend view)
     reserved: tuple[tuple[str, int], ...] = ()  # (domain, bytes) held by other domains, not yet in `free`
     cpus: frozenset[int] = frozenset()  # host CPUs local to this node
+    note: str = ""  # how the backend came to ``free`` (a pool that may grow), said in refusals
 
     @property
     def reserved_total(self) -> int:
@@ -79,12 +80,13 @@ def place(
     fixed: Mapping[int, int] | None = None,
     cellless: bool = False,
     policy: Policy = DEFAULT_POLICY,
+    kind: str = "dmem",
 ) -> dict[int, int]:
     """Guest cell id -> host node.  Raises PlacementError(message, domain) when nothing fits.
 
     ``fixed`` cells must go to their node (checked, never moved); the others are placed freely, nearest
     to their pinned CPUs when that fits.  ``cellless``: the guest has no NUMA cells, so everything goes
-    to one node.
+    to one node.  ``kind`` names the pages in refusals ("dmem", "huge").
     """
     if page_size <= 0:
         raise ValueError(f"page size must be positive, got {page_size}")
@@ -96,7 +98,7 @@ def place(
         raise ValueError(f"duplicate guest cell ids in {[need.cell for need in needs]}")
     ids = {need.cell for need in needs}
     kept = {cell: node for cell, node in sorted((fixed or {}).items()) if cell in ids}
-    problem = _Problem(domain, needs, rooms, page_size, kept, cellless, policy)
+    problem = _Problem(domain, needs, rooms, page_size, kept, cellless, policy, kind)
     problem.check_nodes_exist()
     if cellless:
         return problem.place_together()
@@ -119,8 +121,9 @@ class _Problem:
     """One placement request, in pages, with nodes indexed 0..n-1 in node-number order."""
 
     def __init__(self, domain: str, needs: list[CellNeed], rooms: list[NodeRoom], page_size: int,
-                 fixed: dict[int, int], cellless: bool, policy: Policy) -> None:
+                 fixed: dict[int, int], cellless: bool, policy: Policy, kind: str) -> None:
         self.domain = domain
+        self.kind = kind
         self.needs = needs
         self.rooms = rooms
         self.page_size = page_size
@@ -139,8 +142,8 @@ class _Problem:
             if node not in self.index:
                 known = ", ".join(str(room.node) for room in self.rooms) or "none"
                 who = "guest is" if self.cellless else f"guest cell {cell} is"
-                raise PlacementError(f"{who} to be placed on host node {node}, which has no dmem pool "
-                                     f"(host nodes with dmem: {known})", self.domain)
+                raise PlacementError(f"{who} to be placed on host node {node}, which has no {self.kind} pool "
+                                     f"(host nodes with {self.kind}: {known})", self.domain)
 
     # -- a guest without NUMA cells: one node for everything -------------------------------------------
 
@@ -153,7 +156,7 @@ class _Problem:
         if wanted:
             j = self.index[wanted[0]]
             if self.caps[j] < total:
-                raise PlacementError(f"guest needs {self._bytes(total)} of {self._page()} dmem pages on "
+                raise PlacementError(f"guest needs {self._bytes(total)} of {self._page()} {self.kind} pages on "
                                      f"host node {wanted[0]}; {_room_text(self.rooms[j])}", self.domain)
             node = wanted[0]
         else:
@@ -161,8 +164,8 @@ class _Problem:
             order = self._candidates(total, cpus, self.caps)
             if not order:
                 rooms = "; ".join(f"node {room.node}: {_room_text(room)}" for room in self.rooms)
-                raise PlacementError(f"guest needs {self._bytes(total)} of {self._page()} dmem pages on one "
-                                     f"host node; {rooms or 'no host node has a dmem pool'}", self.domain)
+                raise PlacementError(f"guest needs {self._bytes(total)} of {self._page()} {self.kind} pages on one "
+                                     f"host node; {rooms or f'no host node has a {self.kind} pool'}", self.domain)
             node = self.rooms[order[0]].node
         return {need.cell: node for need in self.needs}
 
@@ -291,7 +294,7 @@ class _Problem:
         else:
             sizes = " + ".join(self._bytes(self.pages[cell]) for cell in cells)
             need = f"guest cells {_and(cells)} need {sizes}"
-        return f"{need} of {self._page()} dmem pages on host node {node}; {_room_text(room)}"
+        return f"{need} of {self._page()} {self.kind} pages on host node {node}; {_room_text(room)}"
 
     def _free_refusal(self, free: list[CellNeed]) -> str:
         sizes = " + ".join(self._bytes(self.pages[need.cell]) for need in free)
@@ -301,14 +304,14 @@ class _Problem:
             need = f"guest cells {_and([n.cell for n in free])} need {sizes}"
         else:
             need = f"guest cells need {sizes}"
-        text = f"{need} of {self._page()} dmem pages"
+        text = f"{need} of {self._page()} {self.kind} pages"
         if self.fixed:
             fixed = ", ".join(f"cell {cell} ({self._bytes(self.pages[cell])}) on node {node}"
                               for cell, node in self.fixed.items())
             text += f" besides {fixed}"
         verdict = "no placement found within the search limit" if self.budget_hit else "no placement fits"
         if not self.rooms:
-            return f"{text}; no host node has a dmem pool"
+            return f"{text}; no host node has a {self.kind} pool"
         nodes = ", ".join(_node_text(room) for room in self.rooms)
         return f"{text}; {verdict}: {nodes}"
 
@@ -333,10 +336,11 @@ def _held_text(room: NodeRoom) -> str:
 def _room_text(room: NodeRoom) -> str:
     """'2.0 GiB free, 1.5 GiB reserved by db02' (fixed-node form)."""
     held = _held_text(room)
-    return f"{format_size(room.free)} free" + (f", {held}" if held else "")
+    note = f"; {room.note}" if room.note else ""
+    return f"{format_size(room.free)} free" + (f", {held}" if held else "") + note
 
 
 def _node_text(room: NodeRoom) -> str:
     """'node 0 6.0 GiB free (1.5 GiB reserved by db02)' (one entry of a node list)."""
-    held = _held_text(room)
-    return f"node {room.node} {format_size(room.free)} free" + (f" ({held})" if held else "")
+    details = "; ".join(text for text in (_held_text(room), room.note) if text)
+    return f"node {room.node} {format_size(room.free)} free" + (f" ({details})" if details else "")

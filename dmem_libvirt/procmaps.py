@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HostError
@@ -109,6 +110,45 @@ def numa_policy(proc: Path, pid: int, path: Path) -> str | None:
         if " ".join(parts) == wanted:
             return fields[1]
     return None
+
+
+@dataclass(frozen=True)
+class NumaMapping:
+    """One line of /proc/<pid>/numa_maps (fs/proc/task_mmu.c, show_numa_map)."""
+
+    policy: str                      # "bind:0", "default", "interleave:0-1", ...
+    file: str                        # the path as the kernel prints it ('\\040' for a space), "" if none
+    huge: bool                       # a hugetlb mapping
+    page_size: int                   # bytes (kernelpagesize_kB)
+    pages: dict[int, int]            # host node -> pages of this mapping faulted there
+
+
+def numa_mappings(proc: Path, pid: int) -> list[NumaMapping]:
+    """Every mapping of ``pid`` with its policy and per-node pages; [] when the process is gone."""
+    text = _read(proc / str(pid) / "numa_maps")
+    if not text:
+        return []
+    found = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 2:
+            raise HostError(f"malformed numa_maps line of pid {pid}: {line!r}")
+        values: dict[str, str] = {}
+        flags: set[str] = set()
+        for field in fields[2:]:
+            key, equals, value = field.partition("=")
+            if equals:
+                values[key] = value
+            elif field:
+                flags.add(field)
+        try:
+            pages = {int(key[1:]): int(value) for key, value in values.items()
+                     if key[:1] == "N" and key[1:].isdigit()}
+            page_size = int(values.get("kernelpagesize_kB", "4")) * 1024
+        except ValueError:
+            raise HostError(f"malformed numa_maps line of pid {pid}: {line!r}") from None
+        found.append(NumaMapping(fields[1], values.get("file", ""), "huge" in flags, page_size, pages))
+    return found
 
 
 def cmdline(proc: Path, pid: int) -> list[str]:

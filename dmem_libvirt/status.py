@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from . import install, procmaps
+from .backends import Finding
 from .errors import DmemError
-from .host import fs_magic
-from .lifecycle import HookContext, backing_dir_on_backend, collect_orphans, rebuild_from_running
-from .units import GiB, format_page_size, format_size
-
-# A 64-byte struct page for every 4 KiB page: what reserved memory without struct page saves.
-STRUCT_PAGE_BYTES = 64
-BASE_PAGE = 4096
+from .lifecycle import HookContext, collect_orphans, rebuild_from_running
+from .units import format_page_size, format_size
 
 
 def collect(ctx: HookContext) -> dict[str, Any]:
@@ -39,10 +34,11 @@ def collect(ctx: HookContext) -> dict[str, Any]:
             dom["nodes"].append(entry.node)
         if entry.state == "reserved":
             dom["state"] = "reserved"
-    total = sum(pool.total for pool in pools.values())
+    saved = ctx.backend.savings()
     return {
         "backend": ctx.backend.name,
-        "emulated": ctx.config.dmemfs.emulate,
+        "label": ctx.backend.label,
+        "emulated": ctx.config.backend_name == "emulated",
         "mount": str(ctx.backend.mount),
         "page_size": ctx.backend.page_size(),
         "pools": [
@@ -57,15 +53,19 @@ def collect(ctx: HookContext) -> dict[str, Any]:
             for e in sorted(reservations, key=lambda e: (e.domain, e.file))
         ],
         "domains": sorted(domains.values(), key=lambda d: d["name"]),
-        "struct_page_saved": total // BASE_PAGE * STRUCT_PAGE_BYTES,
+        # Pages the tool added to the kernel's pools and has not given back (hugetlbfs).
+        "grown": [{"node": node, "page_size": size, "pages": pages}
+                  for (node, size), pages in sorted(ctx.ledger.read_grown().items())],
+        "struct_page_saved": saved.bytes,
+        "struct_page_saved_measured": saved.measured,
+        "struct_page_saved_how": saved.how,
     }
 
 
 def render(status: dict[str, Any]) -> str:
     """The table `status` prints."""
     page = format_page_size(status["page_size"])
-    kind = " (emulated)" if status["emulated"] else ""
-    lines = [f"{status['backend']}{kind} on {status['mount']}, {page} pages", ""]
+    lines = [f"{status['label']} on {status['mount']}, {page} pages", ""]
     lines.append(f"{'NODE':>4}  {'TOTAL':>11}  {'FREE':>11}  {'RESERVED':>11}  {'PINNED':>11}")
     for pool in status["pools"]:
         lines.append(f"{pool['node']:>4}  {format_size(pool['total']):>11}  {format_size(pool['free']):>11}  "
@@ -80,8 +80,12 @@ def render(status: dict[str, Any]) -> str:
     else:
         lines.append("no domain holds reserved memory")
     lines.append("")
+    for grown in status["grown"]:
+        lines.append(f"node {grown['node']}: {grown['pages']} pages of {format_page_size(grown['page_size'])} "
+                     "added to the pool by dmem-libvirt")
+    how = "measured" if status["struct_page_saved_measured"] else "computed"
     lines.append(f"struct page memory saved: {format_size(status['struct_page_saved'])} "
-                 f"({STRUCT_PAGE_BYTES} B per {BASE_PAGE // 1024} KiB page of the pools)")
+                 f"({how}: {status['struct_page_saved_how']})")
     return "\n".join(lines)
 
 
@@ -95,76 +99,17 @@ def reconcile(ctx: HookContext) -> list[str]:
                 book.add(entry)
                 done.append(f"adopted {entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})")
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
+        before = dict(book.grown)
+        # Pages a backend added to the kernel's pools that were still in use at their guest's release.
+        ctx.backend.give_back(ctx, book, [])
+        done.extend(f"gave back {pages - book.grown.get(key, 0)} pages of {format_page_size(key[1])} on node "
+                    f"{key[0]}" for key, pages in sorted(before.items()) if pages != book.grown.get(key, 0))
     return done
-
-
-@dataclass(frozen=True)
-class Finding:
-    ok: bool
-    what: str
-    fix: str = ""
 
 
 def check(ctx: HookContext) -> list[Finding]:
     """Every condition a working installation needs, each with its fix."""
-    return [*_check_hook(ctx), _check_mount(ctx), _check_backing_dir(ctx), _check_debugfs(ctx),
-            _check_page_size(ctx), *_check_confinement(ctx)]
-
-
-def _mount_command(ctx: HookContext) -> str:
-    mount = ctx.backend.mount
-    if ctx.config.dmemfs.emulate:
-        return f"mkdir -p {mount} && mount -t tmpfs none {mount}"
-    return f"mkdir -p {mount} && mount -t dmemfs none -o pagesize=2M {mount} (see examples/dev-dmem.mount)"
-
-
-def _check_mount(ctx: HookContext) -> Finding:
-    mount = ctx.backend.mount
-    try:
-        magic = fs_magic(mount)
-    except OSError as err:
-        return Finding(False, f"{mount} cannot be examined: {err.strerror}", _mount_command(ctx))
-    if magic != ctx.backend.fs_magic:
-        return Finding(False, f"{mount} is not a {ctx.backend.fs_name} mount (filesystem magic {magic:#x}, "
-                              f"expected {ctx.backend.fs_magic:#x})", _mount_command(ctx))
-    return Finding(True, f"{mount} is a {ctx.backend.fs_name} mount")
-
-
-def _check_backing_dir(ctx: HookContext) -> Finding:
-    mount = ctx.backend.mount
-    qemu_conf = ctx.config.libvirt.qemu_conf
-    try:
-        backing = ctx.host.memory_backing_dir()
-    except DmemError as err:
-        return Finding(False, err.message, f"fix memory_backing_dir in {qemu_conf}")
-    if backing_dir_on_backend(ctx):
-        return Finding(True, f"libvirt memory_backing_dir {backing} is on {mount}")
-    return Finding(False, f"libvirt memory_backing_dir {backing} is not on {mount}",
-                   f'set memory_backing_dir = "{mount}" in {qemu_conf} and restart {_daemon(ctx)}')
-
-
-def _check_debugfs(ctx: HookContext) -> Finding:
-    debugfs = ctx.config.dmemfs.debugfs
-    if ctx.host.debugfs_available():
-        return Finding(True, f"dmem statistics in {debugfs} readable")
-    if ctx.config.dmemfs.capacity:
-        return Finding(True, f"dmem statistics in {debugfs} unreadable; using [dmemfs.capacity]")
-    return Finding(False, f"dmem statistics in {debugfs} unreadable and no [dmemfs.capacity] declared",
-                   f"mount -t debugfs none {debugfs.parent}, or declare [dmemfs.capacity] per node "
-                   f"in {ctx.config.source or 'the config'}")
-
-
-def _check_page_size(ctx: HookContext) -> Finding:
-    try:
-        page_size = ctx.backend.page_size()
-    except DmemError as err:
-        return Finding(False, err.message, "make [dmemfs] page_size match the mount's pagesize=")
-    if page_size >= GiB:
-        # QEMU reads a backing file's page size only on hugetlbfs, and libvirt cannot ask for align=1G.
-        return Finding(False, f"page size {format_page_size(page_size)}: libvirt cannot align guest RAM "
-                              f"to {format_page_size(page_size)} on dmemfs, so no guest can use it",
-                       f"remount with -o pagesize=2M: {_mount_command(ctx)}")
-    return Finding(True, f"page size {format_page_size(page_size)}")
+    return [*_check_hook(ctx), *ctx.backend.check(ctx), *_check_confinement(ctx)]
 
 
 def _daemon(ctx: HookContext) -> str:

@@ -1,9 +1,11 @@
 """A private libvirtd + QEMU on emulated dmemfs, in its own mount namespace, for tests and the demo.
 
 `Sandbox(root, per_node).up()` installs what is missing, bind-mounts directories under `root` over libvirt's
-and dmem-libvirt's host paths inside a private mount namespace, emulates dmemfs there, installs the hook and
-starts virtlogd + libvirtd.  `down()` stops every process of that namespace by pid and removes `root`;
-the machine's own libvirt, mounts and configuration are never touched.  CLI: `python tests/sandbox.py`.
+and dmem-libvirt's host paths inside a private mount namespace, emulates dmemfs there, mounts its own
+hugetlbfs (2 MiB and 1 GiB pages, listed in qemu.conf's hugetlbfs_mount: the pools behind them are the
+machine's, real and host-global), installs the hook and starts virtlogd + libvirtd.  `down()` stops every
+process of that namespace by pid and removes `root`; the machine's own libvirt, mounts and configuration
+are never touched.  CLI: `python tests/sandbox.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dmem_libvirt import procmaps
 from dmem_libvirt.config import HostConfig
 from dmem_libvirt.errors import DmemError
 from dmem_libvirt.host import parse_cpulist
-from dmem_libvirt.units import GiB, KiB, MiB, format_size, parse_size
+from dmem_libvirt.units import GiB, KiB, MiB, format_page_size, format_size, parse_size
 
 APT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients", "qemu-system-x86",
                 "libxml2-utils", "util-linux")
@@ -48,6 +50,14 @@ KVM_GROUP = "kvm"
 DPAGE_SHIFT = 21
 DEFAULT_ROOT = Path("/run/dmem-sandbox")
 DEFAULT_PER_NODE = 2 * GiB
+HUGE_PAGE_SIZES = (2 * MiB, GiB)
+# What every sandbox config says besides its backend.  orphan_grace keeps its default: a reservation made by
+# a concurrent `prepare` belongs to a guest whose QEMU does not exist yet, and must not be collected.
+_SHARED_CONFIG = ("[libvirt]\n"
+                  'qemu_conf = "/etc/libvirt/qemu.conf"\n'
+                  'run_dir = "/run/libvirt/qemu"\n'
+                  "[state]\n"
+                  'dir = "/var/lib/dmem-libvirt"\n')
 STATE_FILE = "sandbox.json"
 # Marks a directory as a sandbox root: only such a directory is ever removed.
 MARKER = ".dmem-sandbox"
@@ -110,6 +120,36 @@ class Sandbox:
     @property
     def debugfs(self) -> Path:
         return self.root / "debugfs" / "dmem"
+
+    @property
+    def hugetlbfs_mounts(self) -> dict[int, Path]:
+        """Page size -> this sandbox's hugetlbfs mount of that size."""
+        return {size: self.root / f"hugepages-{format_page_size(size).replace(' ', '')}" for size in HUGE_PAGE_SIZES}
+
+    @property
+    def config_file(self) -> Path:
+        """The dmem-libvirt config the hook reads (/etc/dmem-libvirt/config.toml inside), seen from outside."""
+        return self.private("/etc/dmem-libvirt") / "config.toml"
+
+    def use_config(self, text: str) -> None:
+        """Replace the dmem-libvirt config inside (the hook reads it on every call: no reload needed)."""
+        self.config_file.write_text(text)
+
+    def emulated_config(self) -> str:
+        return ("# dmem-libvirt sandbox: emulated dmemfs\n"
+                "[dmemfs]\n"
+                "emulate = true\n"
+                f'mount = "{self.dmem_mount}"\n'
+                f'debugfs = "{self.debugfs}"\n'
+                'page_size = "2M"\n' + _SHARED_CONFIG)
+
+    def hugetlbfs_config(self, limit: dict[int, int] | None = None) -> str:
+        """The hugetlbfs backend on the sandbox's mounts, growing each node's pool up to ``limit``."""
+        text = ("# dmem-libvirt sandbox: hugetlbfs on the machine's real pools\n"
+                '[backend]\nname = "hugetlbfs"\n' + _SHARED_CONFIG)
+        if limit:
+            text += "[hugetlbfs.limit]\n" + "".join(f"{node} = {size}\n" for node, size in sorted(limit.items()))
+        return text
 
     @property
     def uri(self) -> str:
@@ -243,6 +283,8 @@ class Sandbox:
             # A bind mount needs its mount point; these are the directories the Debian packages create.
             path.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.dmem_mount.mkdir(mode=0o755, exist_ok=True)
+        for mount in self.hugetlbfs_mounts.values():
+            mount.mkdir(mode=0o755, exist_ok=True)
         (self.root / "dev").mkdir(mode=0o755, exist_ok=True)
         # Client-side defaults shipped with libvirt (libvirt.conf, libvirt-admin.conf); the daemons'
         # configuration is written fresh, never copied from the machine's own libvirt.
@@ -284,6 +326,9 @@ class Sandbox:
         self.run(["mount", "-t", "tmpfs", "-o", f"size={size // KiB}k,mode=0755", "sandbox-dmem",
                   self.dmem_mount])
         self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dev", self.root / "dev"])
+        for size, mount in self.hugetlbfs_mounts.items():
+            option = format_page_size(size).replace(" ", "").replace("iB", "")
+            self.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={option},mode=0755", "sandbox-huge", mount])
 
     def _choose_accel(self) -> str:
         """KVM when the QEMU user can open a private /dev/kvm; TCG (type='qemu') otherwise."""
@@ -329,29 +374,18 @@ class Sandbox:
             'unix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
             'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
         (etc / "virtlogd.conf").write_text('log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n')
+        huge_mounts = ", ".join(f'"{mount}"' for mount in self.hugetlbfs_mounts.values())
         (etc / "qemu.conf").write_text(
             "# dmem-libvirt sandbox\n"
             f'memory_backing_dir = "{self.dmem_mount}"\n'
+            f"hugetlbfs_mount = [ {huge_mounts} ]\n"
             'security_driver = "none"\n'
             "cgroup_controllers = [ ]\n"
             # QEMU stays in the sandbox's namespace, so the sandbox finds and stops it by namespace and
             # /dev/kvm is the private node above (libvirt's own /dev namespace would copy the host's).
             "namespaces = [ ]\n"
             f'user = "{QEMU_USER}"\ngroup = "{QEMU_GROUP}"\n')
-        (self.private("/etc/dmem-libvirt") / "config.toml").write_text(
-            "# dmem-libvirt sandbox: emulated dmemfs\n"
-            "[dmemfs]\n"
-            "emulate = true\n"
-            f'mount = "{self.dmem_mount}"\n'
-            f'debugfs = "{self.debugfs}"\n'
-            'page_size = "2M"\n'
-            "[libvirt]\n"
-            'qemu_conf = "/etc/libvirt/qemu.conf"\n'
-            'run_dir = "/run/libvirt/qemu"\n'
-            "[state]\n"
-            # orphan_grace keeps its default: a reservation made by a concurrent `prepare` belongs to a
-            # guest whose QEMU does not exist yet, and must not be collected as an orphan.
-            'dir = "/var/lib/dmem-libvirt"\n')
+        self.use_config(self.emulated_config())
 
     def _start_libvirtd(self) -> None:
         # libvirt drops its cached QEMU capabilities when the host CPUID it reads differs from the cached
@@ -558,10 +592,11 @@ def reap_stale(parent: Path, host: HostConfig) -> list[Path]:
 
 def guest_xml(name: str, memory: int = 256 * MiB, *, domain_type: str = "qemu",
               cells: Sequence[int] = (), file_backed: bool = False, vcpus: int = 1,
-              console: bool = False) -> str:
+              console: bool = False, hugepages: int | None = None) -> str:
     """A diskless guest that boots into SeaBIOS and waits: enough for QEMU to map its RAM.
 
-    ``cells`` are guest NUMA cell sizes in bytes (their sum must be ``memory``); no ``<cpu>`` model,
+    ``cells`` are guest NUMA cell sizes in bytes (their sum must be ``memory``); ``hugepages``: libvirt's own
+    ``<hugepages>`` of that page size, as an operator writes it without dmem-libvirt; no ``<cpu>`` model,
     because host-model/host-passthrough abort QEMU under nested KVM (measured).
     """
     if cells and sum(cells) != memory:
@@ -574,6 +609,9 @@ def guest_xml(name: str, memory: int = 256 * MiB, *, domain_type: str = "qemu",
     if file_backed:
         lines += ["  <memoryBacking>", "    <source type='file'/>", "    <access mode='shared'/>",
                   "  </memoryBacking>"]
+    elif hugepages:
+        lines += ["  <memoryBacking>", "    <hugepages>", f"      <page size='{hugepages // KiB}' unit='KiB'/>",
+                  "    </hugepages>", "  </memoryBacking>"]
     lines += ["  <os>", "    <type arch='x86_64' machine='pc'>hvm</type>", "  </os>"]
     if cells:
         per_cell = [list(range(i, vcpus, len(cells))) for i in range(len(cells))]

@@ -52,6 +52,9 @@ lock_timeout = 2.5
     ("[dmemfs]\nemulate = \"yes\"\n", "[dmemfs] emulate"),
     ("[dmemfs.capacity]\nx = \"1G\"\n", "[dmemfs] capacity"),
     ("[state]\nlock_timeout = -1\n", "[state] lock_timeout"),
+    ("[backend]\nname = \"dmem\"\n", "[backend] name"),
+    ("[hugetlbfs.limit]\nnode0 = \"1G\"\n", "[hugetlbfs] limit"),
+    ("[hugetlbfs]\npage_size = \"big\"\n", "[hugetlbfs] page_size"),
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -69,3 +72,37 @@ def test_environment_overrides_the_default_and_flag_overrides_both(tmp_path: Pat
     assert config.resolve_path(None, {}) == config.DEFAULT_PATH
     assert config.resolve_path(None, {"DMEM_LIBVIRT_CONFIG": "/a.toml"}) == Path("/a.toml")
     assert config.resolve_path("/b.toml", {"DMEM_LIBVIRT_CONFIG": "/a.toml"}) == Path("/b.toml")
+
+
+@pytest.mark.parametrize(("text", "backend"), [
+    ("", "dmemfs"),
+    ("[dmemfs]\nemulate = true\n", "emulated"),
+    ("[backend]\nname = \"emulated\"\n", "emulated"),
+    ("[backend]\nname = \"emulated\"\n[dmemfs]\nemulate = true\n", "emulated"),
+    ("[backend]\nname = \"hugetlbfs\"\n", "hugetlbfs"),
+])
+def test_backend_comes_from_its_section_or_the_older_emulate_key(tmp_path: Path, text: str, backend: str) -> None:
+    assert config.load(write(tmp_path, text)).backend_name == backend
+
+
+def test_emulate_contradicting_the_named_backend_says_what_to_write(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, "[backend]\nname = \"hugetlbfs\"\n[dmemfs]\nemulate = true\n"))
+    assert "[dmemfs] emulate = true contradicts [backend] name = \"hugetlbfs\"" in err.value.line()
+    assert "[backend] name = \"emulated\"" in err.value.line()
+
+
+def test_hugetlbfs_limits_are_sizes_per_node(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, """
+[backend]
+name = "hugetlbfs"
+[hugetlbfs]
+mount = "/dev/hugepages"
+page_size = "2M"
+[hugetlbfs.limit]
+0 = "8G"
+1 = 1073741824
+"""))
+    assert loaded.hugetlbfs.mount == Path("/dev/hugepages")
+    assert loaded.hugetlbfs.page_size == 2 * MiB
+    assert loaded.hugetlbfs.limit == {0: 8 * GiB, 1: GiB}

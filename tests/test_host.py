@@ -1,4 +1,4 @@
-"""Host reading: sysfs NUMA nodes, dmem debugfs pools and page size, qemu.conf, boot_id."""
+"""Host reading: sysfs NUMA nodes, qemu.conf, boot_id, statfs (dmem pools: tests/test_backend_dmemfs.py)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from fakehost import (
     FakeNode,
     load_static_host,
     make_host,
-    set_free,
     static_host_names,
-    write_debugfs,
     write_sysfs,
 )
 
-from dmem_libvirt import host as host_module
+from dmem_libvirt.backends.dmemfs import DmemfsBackend
 from dmem_libvirt.config import Config, HostConfig, LibvirtConfig
 from dmem_libvirt.errors import HostError
-from dmem_libvirt.host import DmemPool, Host, fs_magic, parse_cpulist
-from dmem_libvirt.units import GiB, KiB, MiB
+from dmem_libvirt.host import Host, fs_magic, parse_cpulist
+from dmem_libvirt.units import GiB
 
 # ---- parse_cpulist ----------------------------------------------------------------------------
 
@@ -99,7 +97,7 @@ def test_every_static_host_reads_consistently(name: str, tmp_path: Path) -> None
         assert len(info.distances) == len(online)
         assert info.distances[position] == 10
         assert 0 < info.mem_free <= info.mem_total
-    assert set(host.dmem_pools()) <= set(online)
+    assert set(DmemfsBackend(host.config, host).pools()) <= set(online)
 
 
 def test_node_distances_follow_the_online_list_when_node_numbers_have_gaps(tmp_path: Path) -> None:
@@ -177,88 +175,6 @@ def test_host_reads_nothing_until_asked(tmp_path: Path) -> None:
         host.online_nodes()
 
 
-# ---- dmem page size ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("shift", "size"), [(12, 4 * KiB), (21, 2 * MiB), (30, GiB)])
-def test_page_size_comes_from_debugfs_dpage_shift(tmp_path: Path, shift: int, size: int) -> None:
-    assert Host(make_host(tmp_path, 1, page_shift=shift)).dmem_page_size() == size
-
-
-def test_configured_page_size_matching_debugfs_is_accepted(tmp_path: Path) -> None:
-    assert Host(make_host(tmp_path, 1, page_shift=21, page_size=2 * MiB)).dmem_page_size() == 2 * MiB
-
-
-def test_configured_page_size_contradicting_debugfs_names_both(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 1, page_shift=21, page_size=GiB)
-    with pytest.raises(HostError) as caught:
-        Host(config).dmem_page_size()
-    line = caught.value.line()
-    assert "[dmemfs] page_size is 1 GiB" in line
-    assert f"{config.dmemfs.debugfs}/dpage_shift says 2 MiB" in line
-
-
-def test_page_size_falls_back_to_config_before_the_first_mount(tmp_path: Path) -> None:
-    # dpage_shift reads 0 until dmemfs is mounted; the mount dir here is a plain directory.
-    config = make_host(tmp_path, 1, page_shift=None, page_size=2 * MiB)
-    assert Host(config).dmem_page_size() == 2 * MiB
-
-
-def test_page_size_falls_back_to_config_without_debugfs(tmp_path: Path) -> None:
-    config = load_static_host("no-debugfs", tmp_path)
-    assert Host(config).dmem_page_size() == 2 * MiB
-
-
-def test_unknown_page_size_says_how_to_find_it(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 1, debugfs=False)
-    with pytest.raises(HostError) as caught:
-        Host(config).dmem_page_size()
-    line = caught.value.line()
-    assert f"mount -t dmemfs none -o pagesize=2M {config.dmemfs.mount}" in line
-    assert "mount -t debugfs none /sys/kernel/debug" in line
-    assert "[dmemfs] page_size" in line
-
-
-def test_page_size_comes_from_statfs_of_a_dmemfs_mount(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # No dmemfs kernel here: stand in for statfs(2) on the mount, which reports the dmemfs magic and
-    # the page size in f_bsize.
-    config = make_host(tmp_path, 1, debugfs=False)
-    seen: list[Path] = []
-
-    def dmemfs_statfs(path: Path | str) -> tuple[int, int]:
-        seen.append(Path(path))
-        return host_module.DMEMFS_MAGIC, GiB
-
-    monkeypatch.setattr(host_module, "_statfs", dmemfs_statfs)
-    assert Host(config).dmem_page_size() == GiB
-    assert seen == [config.dmemfs.mount]
-
-
-def test_statfs_page_size_contradicting_config_names_both(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = make_host(tmp_path, 1, debugfs=False, page_size=4 * KiB)
-    monkeypatch.setattr(host_module, "_statfs", lambda path: (host_module.DMEMFS_MAGIC, 2 * MiB))
-    with pytest.raises(HostError, match=r"page_size is 4 KiB but statfs\(.*/dmem\) says 2 MiB"):
-        Host(config).dmem_page_size()
-
-
-def test_page_size_outside_4k_2m_1g_is_refused(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 1, page_shift=16)
-    with pytest.raises(HostError, match="dpage_shift gives a dmem page size of 65536 bytes"):
-        Host(config).dmem_page_size()
-    with pytest.raises(HostError, match="page_size 3145728 bytes is not a dmem page size"):
-        Host(make_host(tmp_path / "b", 1, page_size=3 * MiB)).dmem_page_size()
-
-
-def test_malformed_dpage_shift_quotes_file_and_text(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 1)
-    path = write_debugfs(config, "dpage_shift", "21 pages\n")
-    with pytest.raises(HostError) as caught:
-        Host(config).dmem_page_size()
-    assert caught.value.line() == f"dmem-libvirt: cannot parse {path}: '21 pages\\n' is not a decimal number"
-
-
 def test_fs_magic_reads_the_real_filesystem_type(tmp_path: Path) -> None:
     stat = subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)],
                           capture_output=True, text=True, check=True)
@@ -268,104 +184,6 @@ def test_fs_magic_reads_the_real_filesystem_type(tmp_path: Path) -> None:
 def test_fs_magic_of_a_missing_path_raises_oserror(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         fs_magic(tmp_path / "missing")
-
-
-# ---- dmem pools -------------------------------------------------------------------------------
-
-
-def test_pools_are_debugfs_counts_times_the_page_size(tmp_path: Path) -> None:
-    host = Host(load_static_host("two-nodes", tmp_path))
-    assert host.debugfs_available()
-    assert host.dmem_pools() == {0: DmemPool(0, 48 * GiB, 40 * GiB), 1: DmemPool(1, 48 * GiB, 48 * GiB)}
-
-
-def test_pools_with_4k_pages_on_an_asymmetric_host(tmp_path: Path) -> None:
-    pools = Host(load_static_host("asymmetric", tmp_path)).dmem_pools()
-    assert pools == {0: DmemPool(0, 64 * GiB, 60 * GiB), 1: DmemPool(1, 16 * GiB, 4 * GiB),
-                     2: DmemPool(2, 48 * GiB, 48 * GiB)}
-
-
-def test_pools_with_1g_pages_on_eight_nodes(tmp_path: Path) -> None:
-    pools = Host(load_static_host("eight-nodes", tmp_path)).dmem_pools()
-    assert [pool.free for pool in pools.values()] == [(48 - n) * GiB for n in range(8)]
-    assert all(pool.total == 48 * GiB for pool in pools.values())
-
-
-def test_nodes_without_dmem_have_no_pool(tmp_path: Path) -> None:
-    host = Host(load_static_host("partial-dmem", tmp_path))
-    assert host.online_nodes() == [0, 1, 2, 3]
-    assert sorted(host.dmem_pools()) == [1, 3]
-    assert host.dmem_pools()[3] == DmemPool(3, 32 * GiB, 32 * GiB)
-
-
-def test_pools_follow_the_kernels_free_count(tmp_path: Path) -> None:
-    config = load_static_host("four-nodes", tmp_path)
-    host = Host(config)
-    assert host.dmem_pools()[2].free == 80 * GiB
-    set_free(config, 2, 512)
-    assert host.dmem_pools()[2].free == GiB
-    assert (config.dmemfs.debugfs / "free_dpages").read_text() == f"{49152 + 45056 + 512 + 36864}\n"
-
-
-def test_malformed_free_count_quotes_file_and_text(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 2)
-    path = write_debugfs(config, "node1/free_dpages", "abc\n")
-    with pytest.raises(HostError) as caught:
-        Host(config).dmem_pools()
-    assert caught.value.line() == f"dmem-libvirt: cannot parse {path}: 'abc\\n' is not a decimal number"
-
-
-@pytest.mark.parametrize("text", ["", "-1\n", "12 \n", "0x10\n", "1\n2\n"])
-def test_counts_must_be_one_decimal_number(tmp_path: Path, text: str) -> None:
-    config = make_host(tmp_path, 1)
-    write_debugfs(config, "node0/total_dpages", text)
-    with pytest.raises(HostError, match="is not a decimal number"):
-        Host(config).dmem_pools()
-
-
-def test_free_above_total_is_refused_with_both_counts(tmp_path: Path) -> None:
-    config = make_host(tmp_path, {0: FakeNode(dmem_total=2 * GiB)})
-    set_free(config, 0, 2000)
-    with pytest.raises(HostError, match="reports 2000 free dmem pages of 1024 total"):
-        Host(config).dmem_pools()
-
-
-def test_pools_before_the_first_mount_say_to_mount_dmemfs(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 2, page_shift=None)
-    with pytest.raises(HostError) as caught:
-        Host(config).dmem_pools()
-    line = caught.value.line()
-    assert "dmemfs has not been mounted since boot" in line
-    assert f"mount -t dmemfs none -o pagesize=2M {config.dmemfs.mount}" in line
-
-
-def test_missing_node_counter_names_the_file(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 2)
-    missing = config.dmemfs.debugfs / "node1" / "free_dpages"
-    missing.unlink()
-    with pytest.raises(HostError, match=f"cannot read {missing}: no such file"):
-        Host(config).dmem_pools()
-
-
-def test_without_debugfs_pools_are_the_configured_capacity(tmp_path: Path) -> None:
-    host = Host(load_static_host("no-debugfs", tmp_path))
-    assert not host.debugfs_available()
-    assert host.dmem_pools() == {0: DmemPool(0, 40 * GiB, 40 * GiB), 1: DmemPool(1, 24 * GiB, 24 * GiB)}
-
-
-def test_without_debugfs_or_capacity_pools_name_both_fixes(tmp_path: Path) -> None:
-    config = make_host(tmp_path, 1, debugfs=False)
-    with pytest.raises(HostError) as caught:
-        Host(config).dmem_pools()
-    line = caught.value.line()
-    assert str(config.dmemfs.debugfs) in line
-    assert "mount -t debugfs none /sys/kernel/debug" in line
-    assert "[dmemfs.capacity]" in line
-
-
-def test_debugfs_counts_win_over_configured_capacity(tmp_path: Path) -> None:
-    config = make_host(tmp_path, {0: FakeNode(dmem_total=4 * GiB, dmem_free=GiB)}, capacity={0: 8 * GiB})
-    assert Host(config).dmem_pools() == {0: DmemPool(0, 4 * GiB, GiB)}
 
 
 # ---- memory_backing_dir -----------------------------------------------------------------------

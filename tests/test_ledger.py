@@ -316,3 +316,41 @@ def test_twenty_simultaneous_admissions_fill_the_capacity_exactly_once(ledger: L
     assert len(admitted) == CAPACITY_SLOTS
     assert len({r.domain for r in admitted}) == CAPACITY_SLOTS
     assert sum(r.bytes for r in admitted) == CAPACITY_SLOTS * SLOT
+
+
+# ---- pages the tool added to the kernel's pools -----------------------------------------------------
+
+
+def test_pages_the_tool_grew_survive_a_roundtrip_and_zero_forgets_the_pool(ledger: Ledger) -> None:
+    with ledger.transaction() as book:
+        book.set_grown(0, 2 * MiB, 64)
+        book.set_grown(1, GiB, 2)
+    assert ledger.read_grown() == {(0, 2 * MiB): 64, (1, GiB): 2}
+    assert json.loads(ledger.path.read_text())["grown"] == [
+        {"node": 0, "page_size": 2 * MiB, "pages": 64}, {"node": 1, "page_size": GiB, "pages": 2}]
+    with ledger.transaction() as book:
+        book.set_grown(0, 2 * MiB, 0)
+        book.set_grown(1, GiB, 0)
+    assert ledger.read_grown() == {}
+    assert "grown" not in json.loads(ledger.path.read_text())
+
+
+def test_pages_grown_in_an_earlier_boot_are_forgotten(ledger: Ledger) -> None:
+    with ledger.transaction() as book:
+        book.set_grown(0, 2 * MiB, 64)
+    assert Ledger(ledger.state_dir, OTHER_BOOT, lock_timeout=5.0).read_grown() == {}
+
+
+@pytest.mark.parametrize(("grown", "message"), [
+    ({"node": 0}, "field 'grown' must be a list"),
+    ([{"node": 0}], "not {node, page_size, pages}"),
+    ([{"node": 0, "page_size": 2097152, "pages": 0}], "field 'pages' must be at least 1"),
+    ([{"node": 0, "page_size": 2097152, "pages": 1}] * 2, "lists node 0 page size 2097152 twice"),
+])
+def test_a_malformed_grown_count_makes_the_ledger_corrupt(ledger: Ledger, grown: object, message: str) -> None:
+    store(ledger, res())
+    document = json.loads(ledger.path.read_text())
+    document["grown"] = grown
+    ledger.path.write_text(json.dumps(document))
+    with pytest.raises(LedgerCorrupt, match=message):
+        ledger.read()

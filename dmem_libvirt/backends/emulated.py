@@ -1,6 +1,8 @@
 """Emulated dmemfs for hosts whose kernel has none: a tmpfs for the files, a directory for debugfs.
 
-Selected by ``[dmemfs] emulate = true``.  It keeps the dmemfs behaviours the product depends on:
+Selected by ``[backend] name = "emulated"`` (or the older ``[dmemfs] emulate = true``); guests are defined
+for "dmemfs", so a domain enabled on the emulation is enabled for the real thing.  It keeps the dmemfs
+behaviours the product depends on:
 - capacity and free counts are read from a debugfs-shaped tree (``dpage_shift``, ``node<N>/total_dpages``,
   ``node<N>/free_dpages``, same format as the kernel's) that goes down on pin and up on unpin;
 - a node without enough free pages refuses the allocation, as dmemfs would (there with SIGBUS);
@@ -15,15 +17,10 @@ import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import HostError, PinError
 from ..units import format_page_size, format_size
 from .dmemfs import DmemfsBackend
-
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..host import Host
 
 TMPFS_MAGIC = 0x01021994
 DIRTY_PATTERN = b"DMEM-DIRTY-PAGE!"
@@ -32,12 +29,12 @@ DIRTY_PATTERN = b"DMEM-DIRTY-PAGE!"
 class EmulatedDmemfsBackend(DmemfsBackend):
     """dmemfs's pools and page size, read the same way; the page accounting the kernel would do, done here."""
 
+    label = "dmemfs (emulated)"
     fs_magic = TMPFS_MAGIC
     fs_name = "tmpfs (emulated dmemfs)"
 
-    def __init__(self, config: Config, host: Host) -> None:
-        super().__init__(config, host)
-        self.debugfs = config.dmemfs.debugfs
+    def mount_command(self) -> str:
+        return f"mkdir -p {self.mount} && mount -t tmpfs none {self.mount}"
 
     def fill(self) -> Callable[[int, int], None] | None:
         from ..pin import fill_pattern
