@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,10 @@ DEFAULT_PAGE_SIZE = 2 * MiB
 # dmemfs page sizes (the RFC's pagesize= mount option).
 PAGE_SIZES = (4 * KiB, 2 * MiB, GiB)
 HOST_NAME_MAX = 64
+# Each sandbox's libvirtd gives incoming migrations ports of its own block above libvirt's default range:
+# daemons sharing one (two migrations crossing, other sandboxes on the machine) picked the same free port
+# at once and one QEMU failed with "Address already in use" (measured).
+MIGRATION_PORTS = range(49152, 65152, 16)
 DEFAULT_ROOT = Path("/run/dmem-sandbox")
 DEFAULT_PER_NODE = 2 * GiB
 HUGE_PAGE_SIZES = (2 * MiB, GiB)
@@ -123,7 +128,8 @@ two hosts on one machine:
   qemu:/// URI for itself.  libvirtd --listen with listen_tcp also works (qemu+tcp://127.0.0.1:PORT)
   but opens an unauthenticated port to every local user, so the sandbox does not listen.  The
   migration stream goes over loopback TCP: libvirt 9.0 refuses a loopback migration_address in
-  qemu.conf, and the destination's host name does not resolve, hence --migrateuri.
+  qemu.conf, and the destination's host name does not resolve, hence --migrateuri; each sandbox's
+  libvirtd gives it a port of its own block (migration_port_min/max in its qemu.conf).
 """
 
 
@@ -227,6 +233,11 @@ class Sandbox:
     def uri(self) -> str:
         """A libvirt URI that reaches this daemon from inside and outside the namespace."""
         return f"qemu:///system?socket={self.private('/run/libvirt/libvirt-sock')}"
+
+    @property
+    def migration_port(self) -> int:
+        """The first of the 16 ports this sandbox's libvirtd gives incoming migration streams."""
+        return MIGRATION_PORTS[zlib.crc32(str(self.root).encode()) % len(MIGRATION_PORTS)]
 
     @property
     def migration_uri(self) -> str:
@@ -494,6 +505,7 @@ class Sandbox:
             # QEMU stays in the sandbox's namespace, so the sandbox finds and stops it by namespace and
             # /dev/kvm is the private node above (libvirt's own /dev namespace would copy the host's).
             "namespaces = [ ]\n"
+            f"migration_port_min = {self.migration_port}\nmigration_port_max = {self.migration_port + 15}\n"
             f'user = "{QEMU_USER}"\ngroup = "{QEMU_GROUP}"\n')
 
     def _start_libvirtd(self) -> None:

@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -49,17 +50,21 @@ def running_names(box: Sandbox) -> list[str]:
     return box.virsh("list", "--name").stdout.split()
 
 
-def assert_balanced(box: Sandbox) -> None:
-    """Free pages = the pool less what others use less what the ledger says is pinned; files match it."""
+def assert_balanced(box: Sandbox, held: list[dict[str, Any]] | None = None) -> None:
+    """Free pages = the pool less what others use less what the ledger says is pinned; files match it.
+
+    ``held``: the reservations `status` just reported, when the caller has them (each call costs a process).
+    """
+    held = status(box)["reservations"] if held is None else held
     pinned: dict[int, int] = {}
-    for entry in status(box)["reservations"]:
+    for entry in held:
         assert entry["state"] == "pinned", entry
         pinned[entry["node"]] = pinned.get(entry["node"], 0) + entry["bytes"]
     for node in box.nodes():
         free = int((box.debugfs / f"node{node}" / "free_dpages").read_text()) * box.page_size
         assert free == box.per_node - box.used - pinned.get(node, 0), (box.hostname, node, pinned)
     ledger_files = {Path(path).relative_to(box.dmem_mount).as_posix()
-                    for name in {e["domain"] for e in status(box)["reservations"]}
+                    for name in {e["domain"] for e in held}
                     for path in pinned_files(box, name)}
     assert set(files_on_mount(box)) == ledger_files
 
@@ -71,8 +76,9 @@ def wait_holding(box: Sandbox, names: list[str]) -> None:
 
 
 def assert_empty(box: Sandbox) -> None:
-    assert status(box)["reservations"] == []
-    assert_balanced(box)
+    held = status(box)["reservations"]
+    assert held == []
+    assert_balanced(box, held)
 
 
 def clear(box: Sandbox) -> None:
