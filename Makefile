@@ -1,15 +1,22 @@
 # ./dev demo (or make demo)  - a guest on emulated dmemfs in a private libvirtd sandbox, then a refusal, then cleanup
 # ./dev test (or make test)  - bootstrap, lint, then the whole test suite (end-to-end included); as root on Debian 12
-# make unit / make e2e / make lint / make bootstrap - the parts
+# make unit / make e2e / make lint / make bootstrap - the parts; make model - 10,000 randomized lifecycle steps
+# make deb                   - build/deb/dmem-libvirt_<version>_all.deb with the Debian tooling, checked by lintian
 
 PYTHON  ?= /usr/bin/python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 # The sandbox's libvirtd + QEMU (util-linux: unshare, nsenter), and what libvirt-python compiles against.
+# python3-pip: the tests install the wheel into Debian's python; groff-base: they format the man page.
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libxml2-utils \
-                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc
+                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc python3-pip groff-base
 
-.PHONY: bootstrap apt unit e2e lint test demo
+# What `make deb` builds with, and what the package depends on (its test installs it).
+DEB_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
+                    python3-libvirt python3-lxml
+DEB_DIR := build/deb
+
+.PHONY: bootstrap apt unit e2e lint test demo deb model
 
 bootstrap: apt $(VENV)/.installed
 
@@ -45,3 +52,15 @@ test: bootstrap
 
 demo: bootstrap
 	$(BIN)/python tests/sandbox.py demo
+
+# The randomized lifecycle model, long (CI runs 1,000 steps of it in the unit tests).
+model: $(VENV)/.installed
+	$(BIN)/python bench/model.py --steps 10000
+
+# Built from a copy of the tree (tracked and new files, not .venv or build/), with the system's python3.
+deb:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(DEB_APT_PACKAGES)"
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(DEB_DIR)/src
+	cd $(DEB_DIR)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
+	lintian --fail-on error --display-info $(DEB_DIR)/dmem-libvirt_*_all.deb | tee $(DEB_DIR)/lintian.txt

@@ -1,12 +1,13 @@
 """End-to-end cost of the hook: `virsh start` + `virsh destroy` cycles in the private sandbox, explained.
 
-Run as root: ``.venv/bin/python bench/e2e_cycle.py [--cycles 9] [--sizes 256M,2G]``.
+Run as root: ``.venv/bin/python bench/e2e_cycle.py [--cycles 9] [--sizes 256M,2G] [--before TREE]``.
 The same guest, enabled with `dmem-libvirt enable` (file-backed shared RAM, immediate allocation, node-bound),
 is cycled with the hook installed (admit, pin = allocate + zero, verify, release) and with the hook removed
 (libvirtd reloaded; QEMU then creates and preallocates the file itself): the second is the baseline, measured
 in the same run.  Likewise a guest without the project's metadata (anonymous RAM), with and without the hook.
-Variants run interleaved, one cycle of each in turn (hook-on and hook-off groups alternating which goes
-first), after one untimed warm-up cycle.
+``--before TREE`` adds, for the dmem guests, the hook of another checkout of the project (say, the previous
+release): a before/after comparison under the same load.  Variants run interleaved, one cycle of each in turn
+(the groups that share a hook rotating which goes first), after one untimed warm-up cycle.
 
 Each cycle is broken down: `virsh start` and the hook calls inside it; `virsh destroy`, the moment QEMU
 exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call and
@@ -24,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +36,7 @@ from dmem_libvirt.units import MiB, format_size, parse_size
 
 # The sandbox is a test harness, kept beside the tests rather than in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sandbox import Sandbox, SandboxError, guest_xml
+from sandbox import REPO, Sandbox, SandboxError, guest_xml
 
 PLAIN_MEMORY = 256 * MiB
 LIBVIRTD_LOG = "/var/log/libvirt/libvirtd.log"
@@ -58,6 +60,8 @@ class Cycle:
     stopped_hook: float | None = None
     # "operation subop" -> seconds
     hooks: dict[str, float] = field(default_factory=dict)
+    # CPU seconds of the processes libvirtd ran and reaped during the cycle (the hook calls, mostly)
+    children_cpu: float = 0.0
 
     @property
     def total(self) -> float:
@@ -68,26 +72,41 @@ class Cycle:
 class Variant:
     label: str
     domain: str
-    hook: bool
+    # None: no hook installed; else the tree whose hook is installed
+    hook: Path | None
     memory: int
     cycles: list[Cycle] = field(default_factory=list)
     unavailable: str | None = None
 
 
-def variants(box: Sandbox, sizes: Iterable[int]) -> list[Variant]:
-    """Define and enable the guests: per size the dmem guest with and without hook; the plain guest."""
-    out = []
+def variants(box: Sandbox, sizes: Iterable[int], before: Path | None) -> list[list[Variant]]:
+    """Define and enable the guests.  Rows: per size the dmem guest with the hook (and the hook of
+    ``before``) and without; the plain guest with and without.  The last of each row is its baseline."""
+    rows = []
     for size in sizes:
         name = f"bench-dmem-{size // MiB}m"
         box.define(guest_xml(name, size, domain_type=box.domain_type))
         enabled = box.dmem("enable", name, check=False)
         why = None if enabled.returncode == 0 else (enabled.stderr or enabled.stdout).strip().splitlines()[-1]
-        out += [Variant(f"{format_size(size)} dmem guest, hook", name, True, size, unavailable=why),
-                Variant(f"{format_size(size)} same XML, no hook", name, False, size, unavailable=why)]
+        row = [Variant(f"{format_size(size)} dmem guest, hook", name, REPO, size, unavailable=why)]
+        if before is not None:
+            row.append(Variant(f"{format_size(size)} dmem guest, hook before", name, before, size,
+                               unavailable=why))
+        rows.append([*row, Variant(f"{format_size(size)} same XML, no hook", name, None, size, unavailable=why)])
     box.define(guest_xml("bench-plain", PLAIN_MEMORY, domain_type=box.domain_type))
-    out += [Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook", "bench-plain", True, PLAIN_MEMORY),
-            Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", False, PLAIN_MEMORY)]
-    return out
+    rows.append([Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook", "bench-plain", REPO, PLAIN_MEMORY),
+                 Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", None, PLAIN_MEMORY)])
+    return rows
+
+
+def install_hook(box: Sandbox, tree: Path | None) -> None:
+    """Install the hook of ``tree`` (None: remove it); either reloads libvirtd."""
+    if tree is None:
+        box.remove_hook()
+        return
+    # install-hook writes the library path of the package it runs from into the hook.
+    box.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+             "from dmem_libvirt.cli import main; sys.exit(main(['install-hook']))"])
 
 
 def log_hook_commands(box: Sandbox) -> None:
@@ -100,6 +119,8 @@ def log_hook_commands(box: Sandbox) -> None:
 
 def cycle(box: Sandbox, domain: str) -> tuple[Cycle, float]:
     """One `virsh start` + `virsh destroy` (and when destroy was called); QEMU's exit is seen through a pidfd."""
+    daemon = box.libvirtd_pid()
+    cpu = children_cpu(daemon)
     began = time.perf_counter()
     box.virsh("start", domain)
     running = time.perf_counter()
@@ -123,22 +144,32 @@ def cycle(box: Sandbox, domain: str) -> tuple[Cycle, float]:
         os.close(pidfd)
     if failure:
         raise failure[0]
-    return Cycle(running - began, time.perf_counter() - running, exited), called
+    return Cycle(running - began, time.perf_counter() - running, exited,
+                 children_cpu=children_cpu(daemon) - cpu), called
+
+
+def children_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of the reaped children of ``pid`` (/proc/PID/stat cutime, cstime)."""
+    if pid is None:
+        raise SandboxError("libvirtd is not running in the sandbox")
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(box: Sandbox, runs: list[Variant], cycles: int) -> None:
-    hook_installed = box.hook
+    installed: Path | None = REPO
     log = box.private(LIBVIRTD_LOG)
+    groups: list[Path | None] = list(dict.fromkeys(v.hook for v in runs))
     for index in range(cycles + 1):
-        # Alternate which group goes first, so neither always follows a reload.
-        order = sorted(runs, key=lambda v: v.hook != bool(index % 2))
-        for variant in order:
+        # Rotate which group goes first, so none always follows a reload.
+        first = groups[index % len(groups):] + groups[:index % len(groups)]
+        for variant in sorted(runs, key=lambda v: first.index(v.hook)):
             if variant.unavailable:
                 continue
-            if variant.hook != hook_installed:
+            if variant.hook != installed:
                 # Not timed: installing or removing the hook SIGHUPs libvirtd.
-                (box.install_hook if variant.hook else box.remove_hook)()
-                hook_installed = variant.hook
+                install_hook(box, variant.hook)
+                installed = variant.hook
             offset = log.stat().st_size
             try:
                 timing, called = cycle(box, variant.domain)
@@ -171,6 +202,20 @@ def explain(timing: Cycle, domain: str, destroy_called: float, log: str) -> None
             timing.libvirt_stop = _seconds(stop.group(1)) - destroy_called
 
 
+def hook_latencies(log: str) -> dict[tuple[str, str], list[float]]:
+    """(domain, "operation subop") -> seconds of every hook call libvirtd logged."""
+    pending: dict[str, tuple[float, str, str]] = {}
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for line in log.splitlines():
+        if started := HOOK_STARTED.match(line):
+            stamp, thread, domain, operation, subop = started.groups()
+            pending[thread] = (_seconds(stamp), domain, f"{operation} {subop}")
+        elif (done := COMMAND_DONE.match(line)) and done.group(2) in pending:
+            began, domain, operation = pending.pop(done.group(2))
+            out[(domain, operation)].append(_seconds(done.group(1)) - began)
+    return out
+
+
 def _seconds(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
@@ -190,14 +235,15 @@ def ratio(hooked: Variant, bare: Variant, pick: str) -> str:
     return f"{mine / base:.2f}x"
 
 
-def report(runs: list[Variant], cycles: int, accel: str, load: tuple[str, str]) -> None:
+def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, str]) -> None:
     print(f"\nvirsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up; "
           f"loadavg before: {load[0]}, after: {load[1]}")
     print("ms, median [min-max] over the cycles; destroy's events are counted from the `virsh destroy` call")
     columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook")
     print(f"{'variant':<34} " + " ".join(f"{c:>17}" for c in columns) + "   start  cycle (ratio)")
-    for hooked, bare in zip(runs[::2], runs[1::2], strict=True):
-        for variant in (hooked, bare):
+    for row in rows:
+        bare = row[-1]
+        for variant in row:
             if variant.unavailable or not variant.cycles:
                 print(f"{variant.label:<34} unavailable: {variant.unavailable}")
                 continue
@@ -206,17 +252,19 @@ def report(runs: list[Variant], cycles: int, accel: str, load: tuple[str, str]) 
                      spread([c.total for c in cs]), spread([c.qemu_exit for c in cs]),
                      spread([c.libvirt_stop for c in cs if c.libvirt_stop is not None]),
                      spread([c.stopped_hook for c in cs if c.stopped_hook is not None])]
-            ratios = (f"{ratio(hooked, bare, 'start'):>7} {ratio(hooked, bare, 'total'):>6}"
-                      if variant is hooked else "baseline")
+            ratios = ("baseline" if variant is bare
+                      else f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}")
             print(f"{variant.label:<34} " + " ".join(cells) + f"   {ratios}")
-    print("\nhook calls as libvirtd ran them (process start to exit), ms, median [min-max]:")
-    print(f"{'variant':<34} " + " ".join(f"{op:>17}" for op in HOOK_CALLS) + f" {'sum':>17}")
-    for variant in runs[::2]:
+    print("\nhook calls as libvirtd ran them (process start to exit), ms, median [min-max]; CPU: what everything")
+    print("libvirtd ran in the cycle used (the hook processes; without the hook almost nothing), 10 ms resolution:")
+    print(f"{'variant':<34} " + " ".join(f"{op:>17}" for op in HOOK_CALLS) + f" {'sum':>17} {'CPU':>17}")
+    for variant in (v for row in rows for v in row):
         if not variant.cycles:
             continue
         calls = [spread([c.hooks[op] for c in variant.cycles if op in c.hooks]) for op in HOOK_CALLS]
         sums = spread([sum(c.hooks.values()) for c in variant.cycles])
-        print(f"{variant.label:<34} " + " ".join(calls) + f" {sums}")
+        cpu = spread([c.children_cpu for c in variant.cycles])
+        print(f"{variant.label:<34} " + " ".join(calls) + f" {sums} {cpu}")
 
 
 def loadavg() -> str:
@@ -228,6 +276,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=9)
     parser.add_argument("--sizes", default="256M,2G", help="dmem guest sizes (256M,2G)")
     parser.add_argument("--root", type=Path, default=Path("/run/dmem-sandbox-bench"))
+    parser.add_argument("--before", type=Path, help="another checkout whose hook is measured alongside")
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
 
@@ -237,11 +286,11 @@ def main() -> int:
     before = loadavg()
     try:
         log_hook_commands(box)
-        runs = variants(box, sizes)
-        measure(box, runs, args.cycles)
+        rows = variants(box, sizes, args.before.resolve() if args.before else None)
+        measure(box, [v for row in rows for v in row], args.cycles)
     finally:
         box.down()
-    report(runs, args.cycles, "KVM" if box.domain_type == "kvm" else "TCG", (before, loadavg()))
+    report(rows, args.cycles, "KVM" if box.domain_type == "kvm" else "TCG", (before, loadavg()))
     return 0
 
 

@@ -7,8 +7,9 @@ Run as root: ``.venv/bin/python bench/hugetlbfs.py [--cycles 5] [--sizes 256M,2G
    the pool at `prepare` and shrinking it at `release`, and without the hook on a pool pre-sized by hand
    (the baseline).  Interleaved, one cycle of each in turn (hook-on and hook-off groups alternating which
    goes first), after one untimed warm-up; medians, spread (min-max) and ratios to the baseline.
-2. From `virsh start` to its failure for a guest that does not fit: the hook's refusal at `prepare`, against
-   libvirt alone on a short pool (QEMU starts and fails to map its RAM).
+2. From `virsh start` to its failure for a guest that does not fit: the hook's refusal at `prepare`, a shell
+   hook refusing at once (the floor: libvirt, virsh and three hook executions), and libvirt alone on a
+   short pool (QEMU starts and fails to map its RAM).
 3. Growing and shrinking node 0's 2 MiB pool by 1 GiB with HVO off and on, interleaved: ms per GiB.
 
 Pools and HVO are recorded first and restored at the end (tests/hostpools.py), also on failure.
@@ -24,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dmem_libvirt.install import HOOK_NAME
 from dmem_libvirt.units import GiB, MiB, format_size, parse_size
 
 # The sandbox is a test harness, kept beside the tests rather than in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hostpools import HVO, PAGE, HostPools, pool, pool_dir, set_pool
+from hostpools import HVO, PAGE, HostPools, exclusive, pool, pool_dir, set_pool
 
 from sandbox import Sandbox, SandboxError, guest_xml
 
@@ -98,30 +100,50 @@ def lifecycle(box: Sandbox, sizes: list[int], cycles: int, base: int) -> list[tu
     return table
 
 
-def refusal(box: Sandbox, cycles: int, base: int) -> tuple[list[float], list[float], str, str]:
-    """Seconds from `virsh start` to the error: the hook refusing vs libvirt alone on a short pool."""
+# The floor of a refusal: libvirt, virsh and three hook executions (prepare, then stopped and release, which
+# libvirt runs after a failed start) of a shell script that refuses at once.
+SHELL_HOOK = ('#!/bin/sh\n[ "$2 $3" = "prepare begin" ] && { echo "dmem-libvirt: $1: refused" >&2; exit 1; }\n'
+              "exit 0\n")
+
+
+def use_hook(box: Sandbox, kind: str) -> None:
+    """"python": dmem-libvirt's hook; "shell": SHELL_HOOK in its place; "none": no hook.  Not timed."""
+    path = box.private(f"/etc/libvirt/hooks/qemu.d/{HOOK_NAME}")
+    if kind == "shell":
+        path.unlink(missing_ok=True)
+        path.write_text(SHELL_HOOK)
+        path.chmod(0o755)
+        box.reload_libvirtd()
+        return
+    if path.exists() and path.read_text() == SHELL_HOOK:
+        path.unlink()
+        box.reload_libvirtd()
+    (box.install_hook if kind == "python" else box.remove_hook)()
+
+
+def refusal(box: Sandbox, cycles: int, base: int) -> dict[str, tuple[list[float], str]]:
+    """Seconds from `virsh start` to the error, per hook kind, for a guest the pool cannot hold."""
     name = "bench-huge-refused"
     box.define(guest_xml(name, 512 * MiB, domain_type=box.domain_type, cells=(512 * MiB,)))
     box.dmem("enable", name, "--nodes", "0")
     set_pool(base + 64)
     box.use_config(box.hugetlbfs_config())      # no limit: the 64 pages are all there is
-    hooked: list[float] = []
-    alone: list[float] = []
-    lines = ["", ""]
+    out: dict[str, tuple[list[float], str]] = {kind: ([], "") for kind in ("python", "shell", "none")}
     for index in range(cycles + 1):
-        for with_hook in ((True, False) if index % 2 else (False, True)):
-            (box.install_hook if with_hook else box.remove_hook)()
+        for kind in (("python", "shell", "none") if index % 2 else ("none", "shell", "python")):
+            use_hook(box, kind)
             started = time.perf_counter()
             result = box.virsh("start", name, check=False)
             took = time.perf_counter() - started
             if result.returncode == 0:
                 raise SandboxError(f"{name} started on a pool of 64 pages")
-            lines[not with_hook] = result.stderr.strip().splitlines()[-1]
+            times, _ = out[kind]
             if index:
-                (hooked if with_hook else alone).append(took)
-    box.install_hook()
+                times.append(took)
+            out[kind] = (times, result.stderr.strip().splitlines()[-1])
+    use_hook(box, "python")
     set_pool(base)
-    return hooked, alone, lines[0], lines[1]
+    return out
 
 
 def grow_shrink(cycles: int, base: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -145,42 +167,67 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--sizes", default="256M,2G")
+    parser.add_argument("--parts", default="cycle,refusal,pool", help="which measurements (cycle,refusal,pool)")
     parser.add_argument("--root", type=Path, default=Path("/run/dmem-sandbox-hugebench"))
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
+    parts = set(args.parts.split(","))
+    with exclusive():
+        return run(args, sizes, parts)
+
+
+def run(args: argparse.Namespace, sizes: list[int], parts: set[str]) -> int:
     before = HostPools.take()
     base = pool()[0]
-    box = Sandbox(args.root, 64 * MiB, hook=True)
+    table: list[tuple[int, list[Variant]]] = []
+    refused: dict[str, tuple[list[float], str]] = {}
+    pools: dict[str, tuple[list[float], list[float]]] = {}
+    accel = "-"
     try:
-        box.up()
-        box.use_config(box.hugetlbfs_config({0: base * PAGE + 2 * max(sizes)}))
-        accel = "KVM" if box.domain_type == "kvm" else "TCG"
-        table = lifecycle(box, sizes, args.cycles, base)
-        hooked, alone, hook_line, libvirt_line = refusal(box, args.cycles, base)
+        if parts & {"cycle", "refusal"}:
+            box = Sandbox(args.root, 64 * MiB, hook=True)
+            try:
+                box.up()
+                box.use_config(box.hugetlbfs_config({0: base * PAGE + 2 * max(sizes)}))
+                accel = "KVM" if box.domain_type == "kvm" else "TCG"
+                if "cycle" in parts:
+                    table = lifecycle(box, sizes, args.cycles, base)
+                if "refusal" in parts:
+                    refused = refusal(box, args.cycles, base)
+            finally:
+                box.down()
+                before.restore()
+        if "pool" in parts:
+            pools = grow_shrink(args.cycles, base)
     finally:
-        box.down()
         before.restore()
-    try:
-        pools = grow_shrink(args.cycles, base)
-    finally:
-        before.restore()
+    report(table, refused, pools, args.cycles, accel)
+    return 0
 
-    print(f"\nvirsh start + virsh destroy of a <hugepages> guest on node 0, {accel}, {args.cycles} interleaved "
-          "cycles after a warm-up; median (min-max):")
+
+def report(table: list[tuple[int, list[Variant]]], refused: dict[str, tuple[list[float], str]],
+           pools: dict[str, tuple[list[float], list[float]]], cycles: int, accel: str) -> None:
+    if table:
+        print(f"\nvirsh start + virsh destroy of a <hugepages> guest on node 0, {accel}, {cycles} interleaved "
+              "cycles after a warm-up; median (min-max):")
     for size, runs in table:
         baseline = statistics.median(runs[-1].times)
         for variant in runs:
             ratio = statistics.median(variant.times) / baseline
             print(f"  {format_size(size):>10}  {variant.label:<26} {spread(variant.times):>26}  "
                   f"{'baseline' if variant is runs[-1] else f'{ratio:.2f}x'}")
-    print("\nfrom `virsh start` to the error, a 512 MiB guest on a pool of 64 pages; median (min-max):")
-    print(f"  hook refuses at prepare   {spread(hooked)}\n    {hook_line}")
-    print(f"  libvirt alone (QEMU runs) {spread(alone)}\n    {libvirt_line}")
-    print(f"  ratio {statistics.median(hooked) / statistics.median(alone):.2f}x")
-    print("\nnode 0's 2 MiB pool grown by 1 GiB and shrunk back (sysfs write); median (min-max):")
+    if refused:
+        print("\nfrom `virsh start` to the error, a 512 MiB guest on a pool of 64 pages; median (min-max):")
+        labels = {"python": "dmem-libvirt refuses at prepare", "shell": "a shell hook refusing at prepare",
+                  "none": "libvirt alone (QEMU runs)"}
+        alone = statistics.median(refused["none"][0])
+        for kind, (times, line) in refused.items():
+            print(f"  {labels[kind]:<34} {spread(times):>26}  {statistics.median(times) / alone:.2f}x"
+                  f"\n    {line[-160:]}")
+    if pools:
+        print("\nnode 0's 2 MiB pool grown by 1 GiB and shrunk back (sysfs write); median (min-max):")
     for state, (grow, shrink) in pools.items():
         print(f"  HVO {state:<3}  grow {spread(grow, 1000, 'ms')}/GiB   shrink {spread(shrink, 1000, 'ms')}/GiB")
-    return 0
 
 
 if __name__ == "__main__":

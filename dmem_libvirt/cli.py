@@ -15,12 +15,14 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from . import __version__
 from . import config as config_mod
 from .errors import DmemError, HostError
 from .units import format_page_size, format_size, parse_size
 
 if TYPE_CHECKING:
     from .define import Plan
+    from .domain import DomainMemory
     from .lifecycle import HookContext
     from .placement import NodeRoom
     from .virt import Connection
@@ -65,50 +67,86 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _global_options(p: argparse.ArgumentParser, default: object) -> None:
-    p.add_argument("-c", "--connect", metavar="URI", default=default, help="libvirt URI (default: libvirt's)")
+# Each command: its one-line description (the same in `dmem-libvirt --help`, its own --help, the man page and
+# the README's command table) and an example.
+COMMAND_HELP: dict[str, tuple[str, str]] = {
+    "rewrite": ("rewrite domain XML from stdin for reserved memory, offline (no libvirt connection)",
+                "dmem-libvirt rewrite --nodes 0 --page-size 2M < web01.xml > web01-dmem.xml"),
+    "plan": ("show where a defined domain's cells would go and the XML diff; changes nothing",
+             "dmem-libvirt plan web01"),
+    "enable": ("rewrite a defined domain for reserved memory and define it again",
+               "dmem-libvirt enable web01 --nodes 1"),
+    "disable": ("restore a domain's original memory definition", "dmem-libvirt disable web01"),
+    "status": ("show the pools per host node, the reservations and the domains holding them",
+               "dmem-libvirt status --json"),
+    "metrics": ("write pools, reservations and hook counters in Prometheus text format",
+                "dmem-libvirt metrics --textfile /var/lib/prometheus/node-exporter/dmem_libvirt.prom"),
+    "install-hook": ("install the libvirt hook and reload the daemon that runs the QEMU driver",
+                     "dmem-libvirt install-hook"),
+    "uninstall-hook": ("remove the libvirt hook and reload the daemon that runs the QEMU driver",
+                       "dmem-libvirt uninstall-hook"),
+    "reconcile": ("adopt running guests the ledger lost; free reservations no live guest owns",
+                  "dmem-libvirt reconcile --dry-run"),
+    "check": ("verify the installation; print each finding with its fix", "dmem-libvirt check"),
+    "nova-config": ("print the nova.conf lines and provider config YAML for this host's pools (OpenStack Nova)",
+                    "dmem-libvirt nova-config --provider-yaml > /etc/nova/provider_config/dmem-libvirt.yaml"),
+}
+
+
+def _config_option(p: argparse.ArgumentParser, default: object) -> None:
     p.add_argument("--config", metavar="FILE", default=default,
                    help=f"config file (default: ${config_mod.ENV_VAR} or {config_mod.DEFAULT_PATH})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmem-libvirt",
-                                     description="Run libvirt guests on reserved host memory (dmemfs).")
-    _global_options(parser, None)
+    parser = argparse.ArgumentParser(
+        prog="dmem-libvirt", description="Run libvirt guests on reserved host memory (dmemfs).",
+        epilog="exit status: 0 done, 1 refused or failed (one line on stderr), 2 usage error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _config_option(parser, None)
     # Also accepted after the command (`rewrite --config FILE`); SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    _global_options(common, argparse.SUPPRESS)
+    _config_option(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def placement_options(p: argparse.ArgumentParser) -> None:
+    def command(name: str) -> argparse.ArgumentParser:
+        text, example = COMMAND_HELP[name]
+        return sub.add_parser(name, parents=[common], help=text, description=text,
+                              epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: libvirt's)")
+
+    def placement(p: argparse.ArgumentParser) -> None:
         p.add_argument("--nodes", type=_node_list, metavar="LIST",
                        help="host node for all cells (N) or one per guest cell (N,M,...)")
+        p.add_argument("--page-size", type=_size, metavar="SIZE",
+                       help="dmem page size, e.g. 2M (default: the host's)")
         p.add_argument("--round", action="store_true", dest="round_up",
                        help="round cell sizes up to whole pages instead of refusing")
 
-    p = sub.add_parser("rewrite", parents=[common], help="offline: domain XML on stdin -> rewritten XML on stdout")
-    placement_options(p)
-    p.add_argument("--page-size", type=_size, metavar="SIZE", help="page size (default: the host's)")
-    for name, text in (("plan", "dry run: placement table and diff"), ("enable", "rewrite and define"),
-                       ("disable", "restore the original definition")):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("domain")
+    placement(command("rewrite"))
+    for name in ("plan", "enable", "disable"):
+        p = command(name)
+        p.add_argument("domain", help="name of a defined libvirt domain")
+        connection(p)
         if name != "disable":
-            placement_options(p)
-    p = sub.add_parser("status", parents=[common], help="pools per host node, reservations, domains")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    for name, text in (("install-hook", "install the libvirt hook and reload the daemon"),
-                       ("uninstall-hook", "remove the libvirt hook and reload the daemon")):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("--hooks-dir", type=Path, metavar="DIR",
-                       help="libvirt's hooks directory (default: [libvirt] hooks_dir, /etc/libvirt/hooks)")
-    sub.add_parser("reconcile", parents=[common], help="adopt running guests, free what no live guest owns")
-    sub.add_parser("check", parents=[common], help="verify the installation; print each finding with its fix")
-    p = sub.add_parser("nova-config", parents=[common],
-                       help="the nova.conf lines and provider config YAML for this host's pools")
-    p.add_argument("--reserve", type=_size, metavar="SIZE",
-                   help="pool memory kept back from Nova (default: [nova] reserve, 0)")
-    only = p.add_mutually_exclusive_group()
+            placement(p)
+    command("status").add_argument("--json", action="store_true", help="machine-readable output")
+    command("metrics").add_argument(
+        "--textfile", type=Path, metavar="FILE",
+        help="replace FILE atomically (node_exporter's textfile collector reads *.prom); default: stdout")
+    for name in ("install-hook", "uninstall-hook"):
+        command(name).add_argument(
+            "--hooks-dir", type=Path, metavar="DIR",
+            help="libvirt's hooks directory (default: [libvirt] hooks_dir, /etc/libvirt/hooks)")
+    command("reconcile").add_argument("--dry-run", action="store_true",
+                                      help="print what would be adopted or freed and why; change nothing")
+    command("check")
+    nova = command("nova-config")
+    nova.add_argument("--reserve", type=_size, metavar="SIZE",
+                      help="pool memory kept back from Nova (default: [nova] reserve, 0)")
+    only = nova.add_mutually_exclusive_group()
     only.add_argument("--conf", action="store_true", help="print only the nova.conf lines")
     only.add_argument("--provider-yaml", action="store_true", help="print only the provider config YAML")
     return parser
@@ -144,8 +182,7 @@ def _context(config: config_mod.Config) -> HookContext:
     return HookContext.create(config)
 
 
-def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
-          page_size: int | None = None) -> Plan:
+def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes) -> Plan:
     from . import define, domxml
     from .domain import read_domain
 
@@ -153,10 +190,11 @@ def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
     dom = read_domain(domxml.parse(xml).getroot())
     try:
         ctx = _context(config)
-        page = page_size or ctx.backend.page_size_for(dom)
+        page = args.page_size or _host_page_size(ctx, dom)
         rooms: list[NodeRoom] | None
         try:
-            rooms = ctx.rooms(ctx.ledger.read(), except_uuid=dom.uuid, page_size=page)
+            # Define time only advises: a damaged ledger still tells what it can (the hook decides).
+            rooms = ctx.rooms(ctx.ledger.snapshot()[0], except_uuid=dom.uuid, page_size=page)
         except HostError as err:
             if not args.nodes:
                 raise HostError(f"{err.message}; or give the host nodes with --nodes") from None
@@ -167,9 +205,16 @@ def _plan(args: argparse.Namespace, config: config_mod.Config, xml: bytes,
         raise err.for_domain(dom.name) from None
 
 
+def _host_page_size(ctx: HookContext, dom: DomainMemory) -> int:
+    try:
+        return ctx.backend.page_size_for(dom)
+    except HostError as err:
+        raise HostError(f"{err.message}; or give the page size with --page-size") from None
+
+
 def cmd_rewrite(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
     xml = io.stdin.read()
-    plan = _plan(args, config, xml, args.page_size)
+    plan = _plan(args, config, xml)
     for warning in plan.warnings:
         io.err(f"dmem-libvirt: {plan.name}: warning: {warning}")
     io.document(plan.rewritten, plan.encoding)
@@ -269,6 +314,17 @@ def cmd_status(args: argparse.Namespace, config: config_mod.Config, conn: Connec
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None, io: Streams) -> int:
+    from . import metrics, status
+
+    text = metrics.render(status.collect(_context(config)))
+    if args.textfile is None:
+        io.stdout.write(text)
+    else:
+        metrics.write_textfile(args.textfile, text)
+    return 0
+
+
 def cmd_install_hook(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
                      io: Streams) -> int:
     from . import install
@@ -290,7 +346,7 @@ def cmd_reconcile(args: argparse.Namespace, config: config_mod.Config, conn: Con
                   io: Streams) -> int:
     from . import status
 
-    done = status.reconcile(_context(config))
+    done = status.reconcile(_context(config), dry_run=args.dry_run)
     for line in done:
         io.out(line)
     if not done:
@@ -334,6 +390,7 @@ COMMANDS = {
     "enable": cmd_enable,
     "disable": cmd_disable,
     "status": cmd_status,
+    "metrics": cmd_metrics,
     "install-hook": cmd_install_hook,
     "uninstall-hook": cmd_install_hook,
     "reconcile": cmd_reconcile,

@@ -2,14 +2,15 @@
 
 Loaded from ``--config FILE``, else ``$DMEM_LIBVIRT_CONFIG``, else ``/etc/dmem-libvirt/config.toml``
 (the hook reads only the default path: libvirt gives hooks no environment).  A missing default file
-means all defaults.  Unknown sections or keys and ill-typed values raise ConfigError naming the key.
+means all defaults.  ``[dmemfs] emulate = true`` without ``debugfs`` puts the emulated counters under
+``<state dir>/emulated-dmem``.  Unknown sections or keys and ill-typed values raise ConfigError naming the key.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from .units import parse_size
 
 DEFAULT_PATH = Path("/etc/dmem-libvirt/config.toml")
 ENV_VAR = "DMEM_LIBVIRT_CONFIG"
+# With [dmemfs] emulate and no [dmemfs] debugfs: <state dir>/emulated-dmem holds the emulated counters.
+EMULATED_COUNTERS = "emulated-dmem"
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,12 @@ def parse(raw: dict[str, Any], *, source: Path | None = None) -> Config:
     if chosen and chosen != "emulated" and sections.get("dmemfs", DmemfsConfig()).emulate:
         raise ConfigError(f"[dmemfs] emulate = true contradicts [backend] name = \"{chosen}\"{where}; "
                           "remove emulate (write [backend] name = \"emulated\" for the emulation)")
-    return Config(**sections, source=source)
+    config = Config(**sections, source=source)
+    if config.backend_name == "emulated" and "debugfs" not in raw.get("dmemfs", {}):
+        # No debugfs-shaped directory named: the emulation keeps its counters beside the ledger.
+        debugfs = config.state.dir / EMULATED_COUNTERS
+        config = replace(config, dmemfs=replace(config.dmemfs, debugfs=debugfs))
+    return config
 
 
 def _section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:

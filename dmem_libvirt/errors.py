@@ -11,6 +11,9 @@ from __future__ import annotations
 class DmemError(Exception):
     """Base of every error the program reports to the user."""
 
+    # The reason class a refusal is counted under (counters, metrics); each subclass names its own.
+    reason = "other"
+
     def __init__(self, message: str, domain: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -36,30 +39,50 @@ class DmemError(Exception):
 class ConfigError(DmemError):
     """The configuration file is missing a value, has an unknown key or a bad value."""
 
+    reason = "config"
+
 
 class HostError(DmemError):
     """A host file (sysfs, debugfs, qemu.conf, /proc) is missing or malformed."""
+
+    reason = "host"
 
 
 class DomainXMLError(DmemError):
     """The domain XML is malformed, hostile, or asks for something we cannot back."""
 
+    reason = "domain_xml"
+
 
 class PlacementError(DmemError):
     """No host node (or set of nodes) has room for the guest's cells."""
+
+    reason = "placement"
 
 
 class LedgerError(DmemError):
     """The reservation ledger cannot be read or written."""
 
+    reason = "ledger"
+
 
 class LockTimeout(DmemError):
     """The host-wide lock stayed busy longer than [state] lock_timeout."""
+
+    reason = "lock_timeout"
 
 
 class PinError(DmemError):
     """Creating, sizing, binding or zeroing a backing file failed."""
 
+    reason = "pin"
+
 
 class LibvirtError(DmemError):
     """libvirt refused a request or could not be reached."""
+
+    reason = "libvirt"
+
+
+# Every reason class, in the order reports list them.
+ERROR_REASONS = ("placement", "domain_xml", "pin", "host", "config", "ledger", "lock_timeout", "libvirt", "other")

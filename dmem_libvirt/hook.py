@@ -69,17 +69,35 @@ def _dispatch(handler: str, name: str, xml: bytes, stdout: IO[str], stderr: IO[s
         err.for_domain(name)
         if handler in NEVER_FAIL:
             log.warning(f"{handler} could not complete: {err.message}", name)
+            _count(context, "hook_failures", handler)
             return 0
         log.event("refuse", name, operation=handler, reason=err.message)
+        _count(context, "refusals", err.reason)
         stderr.write(err.line() + "\n")
         return 1
     except Exception as err:
-        if handler in NEVER_FAIL:
-            log.warning(f"{handler} failed: {type(err).__name__}: {err}", name)
-            return 0
         log.warning(f"{handler} failed: {type(err).__name__}: {err}", name)
+        _count(context, "hook_failures", handler)
+        if handler in NEVER_FAIL:
+            return 0
         stderr.write(f"dmem-libvirt: {name}: internal error in {handler}: {type(err).__name__}: {err}\n")
         return 1
+
+
+def _count(context: HookContext | None, family: str, label: str) -> None:
+    """Count a refusal or failure; the context may be what failed to build, so build a fresh one."""
+    from . import log
+
+    try:
+        if context is None:
+            from . import lifecycle
+            from .config import load
+
+            context = lifecycle.HookContext.create(load())
+        context.count(family, label)
+    except Exception as err:
+        # The user's line matters more than the count: never let counting replace it.
+        log.warning(f"cannot count {family} {label}: {type(err).__name__}: {err}")
 
 
 def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookContext | None) -> int:

@@ -2,7 +2,8 @@
 
 libvirt looks for hooks only at daemon start or SIGHUP (measured), so installing or removing the hook
 reloads the QEMU driver's daemon — the one whose pid is in ``<run_dir>/driver.pid``, never another
-daemon of the machine — or fails naming the exact command to run.  A hook file we did not write is
+daemon of the machine — when one runs (else libvirt reads the hook when it starts), or fails naming the
+exact command to run.  A hook file we did not write is
 never touched.
 """
 
@@ -29,14 +30,15 @@ def hook_path(hooks_dir: Path) -> Path:
 
 
 def hook_template() -> str:
-    """The hook script shipped with the package (source tree, or installed data files)."""
-    package_root = Path(__file__).resolve().parent.parent
-    for candidate in (package_root / "hooks" / HOOK_NAME,
-                      Path(sys.prefix) / "share" / "dmem-libvirt" / "hooks" / HOOK_NAME):
-        if candidate.is_file():
-            return candidate.read_text()
-    raise DmemError(f"the hook script {HOOK_NAME} is missing from this installation "
-                    f"(looked in {package_root / 'hooks'} and {Path(sys.prefix) / 'share/dmem-libvirt/hooks'})")
+    """The hook script shipped inside the package, wherever pip or a package manager put it."""
+    from importlib import resources
+
+    template = resources.files(__package__).joinpath("hooks", HOOK_NAME)
+    try:
+        return template.read_text()
+    except OSError as err:
+        raise DmemError(f"the hook script {HOOK_NAME} is missing from this installation ({template}: "
+                        f"{err.strerror}); reinstall dmem-libvirt") from None
 
 
 def render_hook(template: str, python: str, paths: list[str]) -> str:
@@ -99,13 +101,14 @@ def daemon_name(run_dir: Path) -> str:
 def reload_daemon(run_dir: Path, proc: Path, state_dir: Path) -> str:
     """SIGHUP the QEMU driver's daemon so it rescans hooks; a message for the user.
 
-    Raises DmemError naming the command to run when there is no daemon to signal or it cannot be signalled.
+    No running daemon is not an error: provisioning installs the hook before services start, and libvirt
+    reads its hooks when it starts.  Raises DmemError naming the command to run when the daemon cannot be
+    signalled.
     """
     daemon = find_daemon(run_dir, proc)
     if not isinstance(daemon, Daemon):
-        # systemctl starts a stopped unit here and reloads a running one the pid file did not lead to.
-        raise DmemError(f"no running libvirtd or virtqemud to reload: {daemon}; libvirt runs the hook only "
-                        f"after a reload or restart: systemctl reload-or-restart {daemon_name(run_dir)}")
+        return (f"no libvirtd or virtqemud is running ({daemon}); libvirt reads its hooks when "
+                f"{daemon_name(run_dir)} starts")
     try:
         os.kill(daemon.pid, signal.SIGHUP)
     except OSError as err:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .atomic import temp_prefix, write_atomically
 from .domain import backing_file_problem
 from .errors import LedgerError
 from .lock import HostLock
@@ -35,7 +36,6 @@ ORIGINS = frozenset({"prepare", "start", "migrate", "restore", "reconnect", "reb
 
 _FILE_NAME = "ledger.json"
 _LOCK_NAME = "lock"
-_TEMP_PREFIX = f".{_FILE_NAME}.tmp-"
 _ENVELOPE = ("version", "boot_id", "written", "reservations", "grown")
 
 
@@ -161,6 +161,8 @@ class Book:
     changed: bool = False
     # (host node, page size) -> pages the tool added to that kernel pool and has not given back yet.
     grown: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Entries the transaction took from running guests because the file had lost them.
+    recovered: list[Reservation] = field(default_factory=list)
 
     def set_grown(self, node: int, page_size: int, pages: int) -> None:
         """Record how many pages of that pool the tool added (0 forgets the pool)."""
@@ -467,9 +469,13 @@ class Ledger:
                     if entry.key not in keys:
                         keys.add(entry.key)
                         book.reservations.append(entry)
+                        book.recovered.append(entry)
                         added += 1
             elif found is None:
-                book = Book()
+                # Deleted (or never written): the running guests' bookings are still true.
+                running = list(rebuild()) if rebuild is not None else []
+                book = Book(list(running), recovered=running)
+                reset = bool(running)
             elif found.boot_id != self.boot_id:
                 log.event("boot-changed", dropped=len(found.reservations))
                 book, reset = Book(), True
@@ -503,7 +509,7 @@ class Ledger:
     def _remove_stale_temps(self) -> None:
         # Only a writer holding the lock creates temp files, and we hold it: any left were
         # abandoned by a killed process.
-        for stale in self.state_dir.glob(_TEMP_PREFIX + "*"):
+        for stale in self.state_dir.glob(temp_prefix(self.path) + "*"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
@@ -521,28 +527,10 @@ class Ledger:
             document["grown"] = [{"node": node, "page_size": size, "pages": pages}
                                  for (node, size), pages in sorted(book.grown.items())]
         data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
-        temp = self.state_dir / f"{_TEMP_PREFIX}{os.getpid()}"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                # The data must be on disk before the rename makes it the ledger, or a power cut
-                # could leave a renamed but empty file.
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
-            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                # The rename itself is durable only once the directory is.
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            # Temp file, fsync, rename, fsync of the directory: a power cut leaves the old or the new ledger.
+            write_atomically(self.path, data)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                temp.unlink()
             raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
 
 

@@ -20,7 +20,7 @@ from .backends import Backend, open_backend
 from .backends.dmemfs import DMEMFS_MAGIC
 from .config import Config
 from .domain import DmemMetadata, DomainMemory, backing_files, read_domain
-from .errors import DmemError, PinError, PlacementError
+from .errors import DmemError, HostError, PinError, PlacementError
 from .host import Host, fs_magic
 from .ledger import Book, Ledger, Reservation
 from .placement import NodeRoom, place
@@ -59,6 +59,15 @@ class HookContext:
     def rebuild(self) -> list[Reservation]:
         return rebuild_from_running(self)
 
+    def count(self, family: str, label: str) -> None:
+        """Count one event since boot (counters.py); a counter that cannot be written never fails a guest."""
+        from . import counters
+
+        try:
+            counters.add(self.config.state.dir, self.ledger.boot_id, family, label)
+        except DmemError as err:
+            log.warning(f"cannot count {family} {label}: {err.message}")
+
 
 # ---- checks shared by several operations -------------------------------------------------------
 
@@ -68,7 +77,8 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
     backing = ctx.host.memory_backing_dir()
     try:
         real_backing, real_mount = backing.resolve(), ctx.backend.mount.resolve()
-    except OSError:
+    except (OSError, HostError):
+        # HostError: a backend without a mount yet (hugetlbfs unmounted) cannot hold anyone's RAM.
         return False
     if real_backing == real_mount or real_mount in real_backing.parents:
         return True
@@ -78,19 +88,28 @@ def backing_dir_on_backend(ctx: HookContext) -> bool:
         return False
 
 
-def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata) -> int:
-    """The host's page size, after checking that the domain was defined for this backend and size."""
+def check_metadata(ctx: HookContext, name: str, meta: DmemMetadata, *, arriving: str | None = None) -> int:
+    """The host's page size, after checking that the domain was defined for this backend and size.
+
+    ``arriving`` ("migrate", "restore"): the guest comes from another host, so the remedy is another
+    destination, not a new definition (its RAM and its source's definition are laid out for that size).
+    """
     if meta.backend != ctx.backend.name:
-        raise DmemError(
-            f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
-            f"run 'dmem-libvirt enable {name}' again", name)
+        raise DmemError(f"defined for the {meta.backend} backend but this host runs {ctx.backend.name}; "
+                        f"{_remedy(name, meta, arriving)}", name)
     sizes = ctx.backend.page_sizes()
     if meta.page_size not in sizes:
         used = " or ".join(format_page_size(size) for size in sizes)
-        raise DmemError(
-            f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
-            f"{used} pages; run 'dmem-libvirt enable {name}' again", name)
+        raise DmemError(f"defined for {format_page_size(meta.page_size)} pages but host {ctx.backend.name} uses "
+                        f"{used} pages; {_remedy(name, meta, arriving)}", name)
     return meta.page_size
+
+
+def _remedy(name: str, meta: DmemMetadata, arriving: str | None) -> str:
+    if arriving is None:
+        return f"run 'dmem-libvirt enable {name}' again"
+    where = "to" if arriving == "migrate" else "on"
+    return f"{arriving} it {where} a host with {format_page_size(meta.page_size)} {meta.backend} pages"
 
 
 def _uuid(dom: DomainMemory, name: str) -> str:
@@ -205,30 +224,58 @@ def _group_alive(ctx: HookContext, group: list[Reservation]) -> bool:
     return any(entry.path and _mappers(ctx, entry.path) for entry in group)
 
 
-def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = None) -> list[str]:
-    """Free reservations and per-domain directories no live guest owns and older than the grace period."""
+@dataclass(frozen=True)
+class Orphan:
+    """Reservations of one domain, or one per-domain directory, that no live guest owns: what and why."""
+
+    what: str
+    why: str
+    entries: tuple[Reservation, ...] = ()
+    directory: Path | None = None
+
+
+def find_orphans(ctx: HookContext, reservations: Sequence[Reservation], *,
+                 keep_uuid: str | None = None) -> list[Orphan]:
+    """What `collect_orphans` would free, changing nothing."""
     now = ctx.clock()
     grace = ctx.config.state.orphan_grace
-    freed: list[str] = []
+    found: list[Orphan] = []
     groups: dict[str, list[Reservation]] = defaultdict(list)
-    for entry in book.reservations:
+    for entry in reservations:
         groups[entry.uuid].append(entry)
     for uuid, group in sorted(groups.items()):
         if uuid == keep_uuid or any(now - entry.created < grace for entry in group):
             continue
         if _group_alive(ctx, group):
             continue
-        _drop(ctx, book, group, "orphan-freed")
-        freed.append(f"{group[0].domain} ({format_size(sum(e.bytes for e in group))} on "
-                     f"node {', '.join(str(n) for n in sorted({e.node for e in group}))})")
+        pids = sorted({entry.pid for entry in group if entry.pid})
+        qemu = f"QEMU pid {', '.join(map(str, pids))} is gone" if pids else "no QEMU ever recorded"
+        age = now - max(entry.created for entry in group)
+        found.append(Orphan(
+            f"{group[0].domain} ({format_size(sum(e.bytes for e in group))} on "
+            f"node {', '.join(str(n) for n in sorted({e.node for e in group}))})",
+            f"{qemu}, libvirt runs no such guest, nothing maps its files; reserved {age:.0f} s ago",
+            tuple(group)))
     if backing_dir_on_backend(ctx):
-        freed.extend(_collect_orphan_dirs(ctx, now, grace))
+        found.extend(_orphan_dirs(ctx, now, grace))
+    return found
+
+
+def collect_orphans(ctx: HookContext, book: Book, *, keep_uuid: str | None = None) -> list[str]:
+    """Free reservations and per-domain directories no live guest owns and older than the grace period."""
+    freed: list[str] = []
+    for orphan in find_orphans(ctx, book.reservations, keep_uuid=keep_uuid):
+        if orphan.directory is None:
+            _drop(ctx, book, list(orphan.entries), "orphan-freed")
+            freed.append(orphan.what)
+        elif _remove_orphan_dir(orphan.directory):
+            freed.append(orphan.what)
     return freed
 
 
-def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str]:
+def _orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[Orphan]:
     running = {name[: runtime.SHORT_NAME_MAX] for name in runtime.running_names(ctx.run_dir)}
-    freed = []
+    found = []
     for directory in runtime.all_domain_dirs(ctx.host.memory_backing_dir()):
         if directory.name.partition("-")[2] in running:
             continue
@@ -239,17 +286,29 @@ def _collect_orphan_dirs(ctx: HookContext, now: float, grace: float) -> list[str
             if any(_mappers(ctx, f.path) for f in files):
                 continue
             size = sum(f.stat().st_blocks * 512 for f in files)
-            from .pin import remove_file
-
-            for f in files:
-                remove_file(directory, f.name)
-            directory.rmdir()
         except OSError as err:
-            log.warning(f"cannot collect orphan directory {directory}: {err}")
+            log.warning(f"cannot examine orphan directory {directory}: {err}")
             continue
-        log.event("orphan-dir-freed", None, path=directory, bytes=size)
-        freed.append(f"{directory} ({format_size(size)})")
-    return freed
+        found.append(Orphan(f"{directory} ({format_size(size)})",
+                            "no running guest has this memory directory and nothing maps its files",
+                            directory=directory))
+    return found
+
+
+def _remove_orphan_dir(directory: Path) -> bool:
+    from .pin import remove_file
+
+    try:
+        files = [f for f in os.scandir(directory) if f.is_file(follow_symlinks=False)]
+        size = sum(f.stat().st_blocks * 512 for f in files)
+        for f in files:
+            remove_file(directory, f.name)
+        directory.rmdir()
+    except OSError as err:
+        log.warning(f"cannot collect orphan directory {directory}: {err}")
+        return False
+    log.event("orphan-dir-freed", None, path=directory, bytes=size)
+    return True
 
 
 def rebuild_from_running(ctx: HookContext) -> list[Reservation]:
@@ -318,19 +377,25 @@ def prepare(ctx: HookContext, name: str, dom: DomainMemory) -> None:
     page_size = check_metadata(ctx, name, dom.metadata)
     ctx.backend.ready(ctx, name)
     wanted = _recorded_placement(dom)
+    refused: DmemError | None = None
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
         mine = book.for_uuid(uuid)
-        if mine and _adoptable(mine, dom, wanted):
-            book.replace_uuid(uuid, [replace(e, origin=f"{e.origin}+prepare") for e in mine])
-            _log_reservations("adopt", mine)
-            return
-        if mine:
-            _refuse_still_mapped(name, _drop(ctx, book, mine, "stale-dropped"))
-        placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
-        entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
-        _book(ctx, book, name, entries)
+        try:
+            if mine:
+                _refuse_still_mapped(name, _drop(ctx, book, mine, "stale-dropped"))
+            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=wanted)
+        except DmemError as err:
+            # The orphans and stale entries dropped above are gone (files removed, pages given back):
+            # the ledger must say so even though this guest is refused.
+            refused = err
+        else:
+            entries = _new_reservations(ctx, name, uuid, dom, placement, "prepare")
+            _book(ctx, book, name, entries)
+    if refused is not None:
+        raise refused
     _log_reservations("admit", entries)
+    ctx.count("admissions", "prepare")
 
 
 def _refuse_still_mapped(name: str, kept: list[Reservation]) -> None:
@@ -338,13 +403,6 @@ def _refuse_still_mapped(name: str, kept: list[Reservation]) -> None:
         raise PinError(f"{kept[0].path} of this guest's last run is still mapped by a process; "
                        f"its {format_size(kept[0].bytes)} on host node {kept[0].node} stay booked until it exits",
                        name)
-
-
-def _adoptable(mine: list[Reservation], dom: DomainMemory, wanted: dict[int, int]) -> bool:
-    """A reservation that migrate/restore made for this very layout is taken over, not doubled."""
-    expected = {(placed.file, wanted[placed.cell], placed.size) for placed in backing_files(dom)}
-    return (all(e.state == "reserved" and e.origin in ("migrate", "restore") for e in mine)
-            and {(e.file, e.node, e.bytes) for e in mine} == expected)
 
 
 def start(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None) -> None:
@@ -367,11 +425,14 @@ def reservations_at_start(ctx: HookContext, name: str, dom: DomainMemory, uuid: 
     page_size = check_metadata(ctx, name, dom.metadata)
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         mine = book.for_uuid(uuid)
-        if not mine:
+        admitted = not mine
+        if admitted:
             # prepare did not run for this start (e.g. the hook was installed in between): admit now.
             placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=_recorded_placement(dom))
             mine = _new_reservations(ctx, name, uuid, dom, placement, "start")
             _book(ctx, book, name, mine)
+    if admitted:
+        ctx.count("admissions", "start")
     return mine
 
 
@@ -568,7 +629,13 @@ def reconnect(ctx: HookContext, name: str, dom: DomainMemory, dom_id: str | None
 
 
 def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | None:
-    """``migrate begin`` / ``restore begin``: place on this host, reserve, return changed XML or None."""
+    """``migrate begin`` / ``restore begin``: place on this host; return the changed XML or None.
+
+    Nothing is booked here: libvirt may still turn the guest away after this hook without running any
+    other (a domain of that name defined here with another UUID, measured), and a reservation made now
+    would outlive it.  ``prepare begin`` follows at once and books this placement under the lock, or
+    refuses if another guest took the room in between.
+    """
     from .domxml import parse, retarget, serialize
 
     tree = parse(xml)
@@ -576,17 +643,19 @@ def incoming(ctx: HookContext, name: str, xml: bytes, origin: str) -> bytes | No
     if dom.metadata is None:
         return None
     uuid = _uuid(dom, name)
-    page_size = check_metadata(ctx, name, dom.metadata)
+    page_size = check_metadata(ctx, name, dom.metadata, arriving=origin)
     current = _recorded_placement(dom)
+    refused: DmemError | None = None
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         collect_orphans(ctx, book, keep_uuid=uuid)
-        mine = book.for_uuid(uuid)
-        if mine:
-            _drop(ctx, book, mine, "stale-dropped")
         try:
-            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
-        except PlacementError:
-            placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
-        _book(ctx, book, name, _new_reservations(ctx, name, uuid, dom, placement, origin))
+            try:
+                placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=current)
+            except PlacementError:
+                placement = _admit(ctx, book, name, uuid, dom, page_size, fixed=None)
+        except DmemError as err:
+            refused = err  # committed with the orphans it freed, as in prepare
+    if refused is not None:
+        raise refused
     log.event(origin, name, placement=placement)
     return serialize(tree) if retarget(tree, placement) else None

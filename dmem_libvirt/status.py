@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
-from . import install, procmaps
+from . import counters, install, procmaps
 from .backends import Finding
 from .errors import DmemError
-from .lifecycle import HookContext, collect_orphans, rebuild_from_running
+from .ledger import Reservation
+from .lifecycle import HookContext, collect_orphans, find_orphans, rebuild_from_running
 from .nova import running_instances
 from .units import format_page_size, format_size
 
@@ -66,6 +68,7 @@ def collect(ctx: HookContext) -> dict[str, Any]:
         "struct_page_saved_measured": saved.measured,
         "struct_page_saved_how": saved.how,
         "ledger_damage": damage,
+        "counters": counters.read(ctx.config.state.dir, ctx.ledger.boot_id),
     }
 
 
@@ -103,23 +106,45 @@ def render(status: dict[str, Any]) -> str:
     for grown in status["grown"]:
         lines.append(f"node {grown['node']}: {grown['pages']} pages of {format_page_size(grown['page_size'])} "
                      "added to the pool by dmem-libvirt")
+    counts = status["counters"]
+    refused = {reason: n for reason, n in counts["refusals"].items() if n}
+    lines.append(f"since boot: {sum(counts['admissions'].values())} admitted, {sum(refused.values())} refused"
+                 + (f" ({', '.join(f'{reason} {n}' for reason, n in refused.items())})" if refused else "")
+                 + f", {sum(counts['hook_failures'].values())} hook failures")
     how = "measured" if status["struct_page_saved_measured"] else "computed"
     lines.append(f"struct page memory saved: {format_size(status['struct_page_saved'])} "
                  f"({how}: {status['struct_page_saved_how']})")
     return "\n".join(lines)
 
 
-def reconcile(ctx: HookContext) -> list[str]:
-    """Adopt running guests the ledger lost, free what no live guest owns; what was done, one per line."""
+def reconcile(ctx: HookContext, *, dry_run: bool = False) -> list[str]:
+    """Adopt running guests the ledger lost, free what no live guest owns; what was (or would be) done."""
+    if dry_run:
+        held = ctx.ledger.read()
+        known = {entry.uuid for entry in held}
+        return [*(f"would adopt {_adopted(entry)}: it runs with dmem-libvirt metadata but the ledger lacks it"
+                  for entry in rebuild_from_running(ctx) if entry.uuid not in known),
+                *(f"would free {orphan.what}: {orphan.why}" for orphan in find_orphans(ctx, held))]
     done: list[str] = []
     with ctx.ledger.transaction(rebuild=ctx.rebuild) as book:
         known = {entry.uuid for entry in book.reservations}
+        adopted = list(book.recovered)
         for entry in rebuild_from_running(ctx):
             if entry.uuid not in known:
                 book.add(entry)
-                done.append(f"adopted {entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})")
+                adopted.append(entry)
+        done.extend(f"adopted {_adopted(entry)}" for entry in adopted)
         done.extend(f"freed {what}" for what in collect_orphans(ctx, book))
+        before = dict(book.grown)
+        # Pages a backend added to the kernel's pools that were still in use at their guest's release.
+        ctx.backend.give_back(ctx, book, [])
+        done.extend(f"gave back {pages - book.grown.get(key, 0)} pages of {format_page_size(key[1])} on node "
+                    f"{key[0]}" for key, pages in sorted(before.items()) if pages != book.grown.get(key, 0))
     return done
+
+
+def _adopted(entry: Reservation) -> str:
+    return f"{entry.domain}: {format_size(entry.bytes)} on node {entry.node} ({entry.file})"
 
 
 def check(ctx: HookContext) -> list[Finding]:
@@ -164,6 +189,8 @@ def _check_hook(ctx: HookContext) -> list[Finding]:
     if not os.access(interpreter, os.X_OK):
         findings.append(Finding(False, f"the hook's interpreter {interpreter or '(none)'} is not executable",
                                 fix))
+    else:
+        findings.append(_check_hook_imports(path))
     daemon = install.find_daemon(ctx.run_dir, ctx.proc)
     if not isinstance(daemon, install.Daemon):
         findings.append(Finding(False, f"no running libvirtd or virtqemud has loaded the hook: {daemon}",
@@ -178,6 +205,29 @@ def _check_hook(ctx: HookContext) -> list[Finding]:
                                        "before the hook was written and was not reloaded since",
                                 f"kill -HUP {daemon.pid} (or systemctl reload {daemon.name})"))
     return findings
+
+
+# A guest that is not ours (no <dmem:memory>) but names our namespace, so the hook script must import the
+# package to find that out; it then exits 0 without touching the host.
+_IMPORT_PROBE = (b"<domain type='kvm'><name>dmem-libvirt-check</name><metadata>"
+                 b"<probe xmlns='http://dmem-libvirt.org/xmlns/domain/1'/></metadata></domain>")
+
+
+def _check_hook_imports(path: Path) -> Finding:
+    """Run the installed hook as libvirt would (cwd /, a bare environment) and see that it loads the package."""
+    import subprocess
+
+    try:
+        done = subprocess.run([str(path), "dmem-libvirt-check", "prepare", "begin", "-"], input=_IMPORT_PROBE,
+                              capture_output=True, cwd="/", timeout=30, check=False,
+                              env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return Finding(False, f"the hook {path} cannot be run: {err}", "dmem-libvirt install-hook")
+    if done.returncode:
+        said = " ".join(done.stderr.decode(errors="replace").split())[:300]
+        return Finding(False, f"the hook {path} fails as libvirt runs it (exit {done.returncode}): {said}",
+                       "dmem-libvirt install-hook (every guest of ours is refused until then)")
+    return Finding(True, f"hook {path} loads the package as libvirt runs it")
 
 
 def _process_start(ctx: HookContext, pid: int) -> float:

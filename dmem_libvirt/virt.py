@@ -2,7 +2,7 @@
 
 Define-time commands reach libvirt through the small `Connection` protocol, so tests can hand in
 libvirt's own ``test:///default`` driver or a double for the failures it cannot produce.  libvirt's
-errors become one-line LibvirtError.
+errors become one-line LibvirtError; libvirt itself prints nothing.
 """
 
 from __future__ import annotations
@@ -32,10 +32,17 @@ def _message(err: Exception) -> str:
     return " ".join(str(text or err).split())
 
 
+def _silence(_context: object, _error: object) -> None:
+    return None
+
+
 def connect(uri: str | None) -> Connection:
     """Open ``uri`` (None: libvirt's default) or raise LibvirtError naming it."""
     import libvirt
 
+    # libvirt's default handler prints every error on stderr itself ("libvirt: XML-RPC error : ..."), before
+    # ours: each failure must be one line, so its message is folded into ours instead.
+    libvirt.registerErrorHandler(_silence, None)
     try:
         conn: Any = libvirt.open(uri)
     except libvirt.libvirtError as err:

@@ -2,12 +2,17 @@
 
 `HostPools.take()` records every pool's ``nr_hugepages`` (global and per node) and ``nr_overcommit_hugepages``
 and ``vm.hugetlb_optimize_vmemmap``; `restore()` writes them back (per-node pools first: the global count is
-their sum).  `pool`/`set_pool` read and size one node's pool as an operator would.
+their sum).  `exclusive()` serializes whoever changes them on this machine (two test runs or benchmarks at
+once would see each other's pages).  `pool`/`set_pool` read and size one node's pool as an operator would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,28 @@ PAGE = 2 * MiB
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 NODES = Path("/sys/devices/system/node")
 HVO = Path("/proc/sys/vm/hugetlb_optimize_vmemmap")
+LOCK = Path("/run/lock/dmem-libvirt-hugepages.lock")
+LOCK_WAIT = 900.0
+
+
+@contextlib.contextmanager
+def exclusive(wait: float = LOCK_WAIT) -> Iterator[None]:
+    """Hold the machine-wide lock of the hugepage pools (waiting up to ``wait`` seconds for it)."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another test run or benchmark has held {LOCK} for {wait:.0f} s") from None
+                time.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

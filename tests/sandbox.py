@@ -1,11 +1,12 @@
 """A private libvirtd + QEMU on emulated dmemfs, in its own mount namespace, for tests and the demo.
 
 `Sandbox(root, per_node).up()` installs what is missing, bind-mounts directories under `root` over libvirt's
-and dmem-libvirt's host paths inside a private mount namespace, emulates dmemfs there, mounts its own
-hugetlbfs (2 MiB and 1 GiB pages, listed in qemu.conf's hugetlbfs_mount: the pools behind them are the
-machine's, real and host-global), installs the hook and starts virtlogd + libvirtd.  `down()` stops every
-process of that namespace by pid and removes `root`; the machine's own libvirt, mounts and configuration
-are never touched.  CLI: `python tests/sandbox.py`.
+and dmem-libvirt's host paths inside a private mount and UTS namespace, emulates dmemfs there, mounts
+its own hugetlbfs (2 MiB and 1 GiB pages, listed in qemu.conf's hugetlbfs_mount: the pools behind them
+are the machine's, real and host-global), installs the hook and starts virtlogd + libvirtd.  `down()`
+stops every process of that namespace by pid and removes `root`; the machine's own libvirt, mounts and
+configuration are never touched.  Two sandboxes are two hosts that can migrate guests to each other
+(see HOSTS).  CLI: `python tests/sandbox.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,10 @@ VIRTLOGD = Path("/usr/sbin/virtlogd")
 QEMU_USER = "libvirt-qemu"
 QEMU_GROUP = "libvirt-qemu"
 KVM_GROUP = "kvm"
-DPAGE_SHIFT = 21
+DEFAULT_PAGE_SIZE = 2 * MiB
+# dmemfs page sizes (the RFC's pagesize= mount option).
+PAGE_SIZES = (4 * KiB, 2 * MiB, GiB)
+HOST_NAME_MAX = 64
 DEFAULT_ROOT = Path("/run/dmem-sandbox")
 DEFAULT_PER_NODE = 2 * GiB
 HUGE_PAGE_SIZES = (2 * MiB, GiB)
@@ -101,6 +106,25 @@ while True:
         break
 """
 REPO = Path(__file__).resolve().parent.parent
+HOSTS = """\
+two hosts on one machine:
+  Each sandbox is a host of its own: its own mount and UTS namespace (host name = the root's
+  directory name), libvirtd host_uuid, /run/libvirt, state directory, configuration and emulated
+  dmem pool (--per-node, --used by others, --page-size).  libvirt refuses to migrate a guest to a
+  daemon with its own host name or host UUID; these differ, so guests migrate between sandboxes:
+
+    python tests/sandbox.py --root /run/dmem-a up
+    python tests/sandbox.py --root /run/dmem-b --per-node 1G --used 256M up
+    python tests/sandbox.py --root /run/dmem-a run virsh migrate --live --persistent [--p2p] GUEST \\
+        'qemu+unix:///system?socket=/run/dmem-b/run/libvirt/libvirt-sock' --migrateuri tcp://127.0.0.1
+
+  The daemons reach each other over their UNIX sockets (a root's files are visible from every
+  namespace).  Write qemu+unix://, not qemu://: with --p2p the source's libvirtd would take a plain
+  qemu:/// URI for itself.  libvirtd --listen with listen_tcp also works (qemu+tcp://127.0.0.1:PORT)
+  but opens an unauthenticated port to every local user, so the sandbox does not listen.  The
+  migration stream goes over loopback TCP: libvirt 9.0 refuses a loopback migration_address in
+  qemu.conf, and the destination's host name does not resolve, hence --migrateuri.
+"""
 
 
 class SandboxError(DmemError):
@@ -115,6 +139,8 @@ class SandboxState:
     mntns: str
     owner: int | None
     owner_start: int | None
+    # The holder's start time: the namespace's identity once the holder is gone is nothing we can check.
+    holder_start: int | None = None
 
     def dump(self) -> str:
         return json.dumps(self.__dict__, indent=1) + "\n"
@@ -123,7 +149,8 @@ class SandboxState:
     def load(cls, path: Path) -> SandboxState | None:
         try:
             raw = json.loads(path.read_text())
-            return cls(int(raw["holder"]), str(raw["mntns"]), raw["owner"], raw["owner_start"])
+            return cls(int(raw["holder"]), str(raw["mntns"]), raw["owner"], raw["owner_start"],
+                       raw.get("holder_start"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -132,10 +159,19 @@ class Sandbox:
     """One private libvirtd; `run`/`virsh`/`dmem` execute inside its mount namespace."""
 
     def __init__(self, root: Path, per_node: int = DEFAULT_PER_NODE, hook: bool = True, *,
-                 host: HostConfig | None = None, detached: bool = False) -> None:
+                 host: HostConfig | None = None, detached: bool = False, used: int = 0,
+                 page_size: int = DEFAULT_PAGE_SIZE, hostname: str | None = None) -> None:
         self.root = Path(root).absolute()
         self.per_node = per_node
+        # The tmpfs under the emulated pool is sized for this: set_pool can shrink the pool, not grow it.
+        self.capacity = per_node
+        self.used = used
+        self.page_size = page_size
         self.hook = hook
+        # Its own UTS namespace and host UUID: libvirt refuses to migrate a guest to a daemon whose
+        # host name or host UUID is its own.
+        self.hostname = hostname or self.root.name[:HOST_NAME_MAX]
+        self.host_uuid = str(uuid.uuid4())
         self.host = host or HostConfig()
         # A detached sandbox (the CLI's `up`) outlives its creator and is removed only by `down`.
         self.detached = detached
@@ -177,7 +213,7 @@ class Sandbox:
                 "emulate = true\n"
                 f'mount = "{self.dmem_mount}"\n'
                 f'debugfs = "{self.debugfs}"\n'
-                'page_size = "2M"\n' + _SHARED_CONFIG)
+                f'page_size = "{self.page_size // KiB}K"\n' + _SHARED_CONFIG)
 
     def hugetlbfs_config(self, limit: dict[int, int] | None = None) -> str:
         """The hugetlbfs backend on the sandbox's mounts, growing each node's pool up to ``limit``."""
@@ -191,6 +227,15 @@ class Sandbox:
     def uri(self) -> str:
         """A libvirt URI that reaches this daemon from inside and outside the namespace."""
         return f"qemu:///system?socket={self.private('/run/libvirt/libvirt-sock')}"
+
+    @property
+    def migration_uri(self) -> str:
+        """The URI another sandbox's virsh or libvirtd (``--p2p``) reaches this daemon by, over its socket.
+
+        The explicit ``+unix`` matters: libvirtd's own QEMU driver claims a plain ``qemu:///system``, so a
+        peer-to-peer migration to it would be a migration to the source itself (measured on 9.0).
+        """
+        return self.uri.replace("qemu:", "qemu+unix:", 1)
 
     @property
     def holder(self) -> int:
@@ -218,7 +263,7 @@ class Sandbox:
         env["LIBVIRT_DEFAULT_URI"] = INSIDE_URI
         # The product must read the private default config, as the hook does.
         env.pop("DMEM_LIBVIRT_CONFIG", None)
-        command = ["nsenter", f"--target={self.holder}", "--mount", "--", *map(str, argv)]
+        command = ["nsenter", f"--target={self.holder}", "--mount", "--uts", "--", *map(str, argv)]
         result = subprocess.run(command, input=input, capture_output=True, text=True, env=env,
                                 timeout=timeout, check=False)
         if check and result.returncode != 0:
@@ -229,6 +274,17 @@ class Sandbox:
     def virsh(self, *args: str, check: bool = True,
               input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.run(["virsh", "-q", "-c", INSIDE_URI, *args], check=check, input=input)
+
+    def migrate(self, name: str, destination: Sandbox, *flags: str,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`virsh migrate FLAGS name DEST` from this sandbox to ``destination`` (another Sandbox).
+
+        The migration stream goes over loopback TCP on a port the destination's libvirtd allocates:
+        libvirt refuses a loopback ``migration_address``/``migration_host`` in qemu.conf, and the
+        destination's host name (its UTS namespace's) resolves to nothing.
+        """
+        return self.run(["virsh", "-q", "-c", INSIDE_URI, "migrate", *flags, name, destination.migration_uri,
+                         "--migrateuri", "tcp://127.0.0.1"], check=check)
 
     def dmem(self, *args: str, check: bool = True,
              input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -295,12 +351,13 @@ class Sandbox:
         try:
             self._layout()
             self._enter_namespace()
+            self.run(["hostname", self.hostname])
             self._mount()
             self.domain_type = self._choose_accel()
             self._write_configs()
             self.run([VIRTLOGD, "-d", "-p", "/run/libvirt/virtlogd.pid"])
             self._start_libvirtd()
-            # As an administrator would: install-hook reloads the running daemon (and fails without one).
+            # As an administrator would: install-hook reloads the running daemon.
             if self.hook:
                 self.install_hook()
         except BaseException:
@@ -327,12 +384,12 @@ class Sandbox:
         for conf in Path("/etc/libvirt").glob("*.conf"):
             if conf.is_file() and conf.name in ("libvirt.conf", "libvirt-admin.conf"):
                 shutil.copy2(conf, self.private(conf))
-        self._write_debugfs()
+        self.set_pool(self.per_node, self.used, self.page_size)
 
     def _enter_namespace(self) -> None:
         own_ns = os.readlink(self.host.proc / "self" / "ns" / "mnt")
         self._holder_proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
+            ["unshare", "--mount", "--uts", "--propagation", "private", "--", "sleep", "infinity"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True)
         pid = self._holder_proc.pid
@@ -350,7 +407,7 @@ class Sandbox:
             time.sleep(0.01)
         owner = None if self.detached else os.getpid()
         owner_start = None if owner is None else procmaps.start_ticks(self.host.proc, owner)
-        self._state = SandboxState(pid, ns, owner, owner_start)
+        self._state = SandboxState(pid, ns, owner, owner_start, procmaps.start_ticks(self.host.proc, pid))
         (self.root / STATE_FILE).write_text(self._state.dump())
 
     def _mount(self) -> None:
@@ -358,7 +415,7 @@ class Sandbox:
             self.run(["mount", "--bind", self.private(path), path])
         if DBUS_DIR.is_dir():
             self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dbus", DBUS_DIR])
-        size = self.per_node * len(self.nodes()) + 64 * MiB
+        size = self.capacity * len(self.nodes()) + 64 * MiB
         self.run(["mount", "-t", "tmpfs", "-o", f"size={size // KiB}k,mode=0755", "sandbox-dmem",
                   self.dmem_mount])
         self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dev", self.root / "dev"])
@@ -382,16 +439,31 @@ class Sandbox:
                           "test", "-r", KVM_DEVICE, "-a", "-w", KVM_DEVICE], check=False)
         return "kvm" if probe.returncode == 0 else "qemu"
 
-    def _write_debugfs(self) -> None:
-        pages = self.per_node >> DPAGE_SHIFT
+    def set_pool(self, per_node: int, used: int = 0, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+        """(Re)write the emulated dmemfs: ``per_node`` bytes per node of ``page_size`` pages, of which ``used``
+        are taken by something the ledger does not know (another tenant); the hook reads it on its next call.
+
+        Only while no guest of this sandbox holds pages: the pinned ones would be forgotten.
+        """
+        if page_size not in PAGE_SIZES:
+            raise SandboxError(f"dmemfs has no {format_size(page_size)} pages; it has "
+                               f"{', '.join(map(format_size, PAGE_SIZES))}")
+        if per_node > self.capacity:
+            raise SandboxError(f"the sandbox's dmem mount holds {format_size(self.capacity)} per node, "
+                               f"not {format_size(per_node)}")
+        if per_node % page_size or used % page_size or not 0 <= used <= per_node:
+            raise SandboxError(f"a pool of {format_size(per_node)} with {format_size(used)} used is not "
+                               f"a whole number of {format_size(page_size)} pages")
+        self.per_node, self.used, self.page_size = per_node, used, page_size
+        pages, free = per_node // page_size, (per_node - used) // page_size
         nodes = self.nodes()
         values = {
-            "dpage_shift": DPAGE_SHIFT,
+            "dpage_shift": page_size.bit_length() - 1,
             "total_dpages": pages * len(nodes),
-            "free_dpages": pages * len(nodes),
+            "free_dpages": free * len(nodes),
             "region_num": len(nodes),
             # The kernel counts registered memory in 4 KiB pages.
-            "registered_pages": (self.per_node >> 12) * len(nodes),
+            "registered_pages": (per_node >> 12) * len(nodes),
             "unaligned_pages": 0,
         }
         self.debugfs.mkdir(parents=True, exist_ok=True)
@@ -399,8 +471,9 @@ class Sandbox:
             (self.debugfs / name).write_text(f"{value}\n")
         for node in nodes:
             (self.debugfs / f"node{node}").mkdir(exist_ok=True)
-            for name in ("total_dpages", "free_dpages"):
-                (self.debugfs / f"node{node}" / name).write_text(f"{pages}\n")
+            (self.debugfs / f"node{node}" / "total_dpages").write_text(f"{pages}\n")
+            (self.debugfs / f"node{node}" / "free_dpages").write_text(f"{free}\n")
+        self.use_config(self.emulated_config())
 
     def _write_configs(self) -> None:
         etc = self.private("/etc/libvirt")
@@ -408,7 +481,8 @@ class Sandbox:
             "# dmem-libvirt sandbox: root-only UNIX socket, no polkit (D-Bus is masked)\n"
             'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
             'unix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
-            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+            f'host_uuid = "{self.host_uuid}"\n')
         (etc / "virtlogd.conf").write_text('log_outputs = "3:file:/var/log/libvirt/virtlogd.log"\n')
         huge_mounts = ", ".join(f'"{mount}"' for mount in self.hugetlbfs_mounts.values())
         (etc / "qemu.conf").write_text(
@@ -421,7 +495,6 @@ class Sandbox:
             # /dev/kvm is the private node above (libvirt's own /dev namespace would copy the host's).
             "namespaces = [ ]\n"
             f'user = "{QEMU_USER}"\ngroup = "{QEMU_GROUP}"\n')
-        self.use_config(self.emulated_config())
 
     def _start_libvirtd(self) -> None:
         # libvirt drops its cached QEMU capabilities when the host CPUID it reads differs from the cached
@@ -551,6 +624,13 @@ def _namespace_members(mntns: str, proc: Path) -> list[int]:
     return members
 
 
+def _in_namespace(pid: int, mntns: str, proc: Path) -> bool:
+    try:
+        return os.readlink(proc / str(pid) / "ns" / "mnt") == mntns
+    except OSError:
+        return False
+
+
 def _terminate(pids: Sequence[int], proc: Path, timeout: float) -> None:
     """SIGTERM, wait up to ``timeout``, then SIGKILL whatever is left, and wait for it to go."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
@@ -564,18 +644,26 @@ def _terminate(pids: Sequence[int], proc: Path, timeout: float) -> None:
 
 
 def teardown(root: Path, state: SandboxState, host: HostConfig) -> None:
-    """Stop the daemons, then any QEMU, then every other process of the namespace (the holder last)."""
+    """Stop the daemons, then any QEMU, then every other process of the namespace (the holder last).
+
+    Without its holder, a sandbox's namespace is identified by its inode number only, which the kernel
+    reuses once the namespace is gone: then only the processes of this root's pid files are stopped, never
+    "every process of that namespace", which may by then be another, running sandbox's.
+    """
     run = root / "run" / "libvirt"
     daemons = [pid for pid in (_pid_from(run / "libvirtd.pid", host.proc, "libvirtd"),
                                _pid_from(run / "virtlogd.pid", host.proc, "virtlogd")) if pid is not None]
-    _terminate(daemons, host.proc, STOP_TIMEOUT)
     qemus = []
     for pid_file in (run / "qemu").glob("*.pid"):
         with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().strip())
-            if os.readlink(host.proc / str(pid) / "ns" / "mnt") == state.mntns:
-                qemus.append(pid)
-    _terminate(qemus, host.proc, STOP_TIMEOUT)
+            qemus.append(int(pid_file.read_text().strip()))
+    for pids in (daemons, qemus):
+        _terminate([pid for pid in pids if _in_namespace(pid, state.mntns, host.proc)], host.proc, STOP_TIMEOUT)
+    holder_alive = (state.holder_start is not None and procmaps.alive(host.proc, state.holder)
+                    and procmaps.start_ticks(host.proc, state.holder) == state.holder_start
+                    and _in_namespace(state.holder, state.mntns, host.proc))
+    if not holder_alive:
+        return
     others = [pid for pid in _namespace_members(state.mntns, host.proc) if pid != state.holder]
     _terminate(others, host.proc, STOP_TIMEOUT)
     _terminate([pid for pid in (state.holder,) if pid in _namespace_members(state.mntns, host.proc)],
@@ -736,10 +824,15 @@ def _show(result: subprocess.CompletedProcess[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tests/sandbox.py",
-                                     description="A private libvirtd + QEMU on emulated dmemfs.")
+                                     description="A private libvirtd + QEMU on emulated dmemfs.", epilog=HOSTS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"sandbox directory ({DEFAULT_ROOT})")
     parser.add_argument("--per-node", type=parse_size, default=DEFAULT_PER_NODE, metavar="SIZE",
                         help="emulated dmem per host node (2G)")
+    parser.add_argument("--used", type=parse_size, default=0, metavar="SIZE",
+                        help="of which taken by others, not by guests of this sandbox (0)")
+    parser.add_argument("--page-size", type=parse_size, default=DEFAULT_PAGE_SIZE, metavar="SIZE",
+                        help="dmem page size: 4K, 2M or 1G (2M)")
     parser.add_argument("--no-hook", action="store_true", help="do not install the dmem-libvirt hook")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="bring the sandbox up and leave it running")
@@ -751,12 +844,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return demo(args.root, args.per_node)
-        box = Sandbox(args.root, args.per_node, hook=not args.no_hook, detached=True)
+        box = Sandbox(args.root, args.per_node, hook=not args.no_hook, detached=True, used=args.used,
+                      page_size=args.page_size)
         if args.command == "up":
             started = time.monotonic()
             box.up()
-            print(f"sandbox up in {time.monotonic() - started:.1f} s: "
-                  f"{'KVM' if box.domain_type == 'kvm' else 'TCG'}; virsh -c '{box.uri}'")
+            print(f"sandbox {box.hostname} up in {time.monotonic() - started:.1f} s: "
+                  f"{'KVM' if box.domain_type == 'kvm' else 'TCG'}; virsh -c '{box.migration_uri}'")
             return 0
         if args.command == "down":
             box.down()
@@ -766,6 +860,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SandboxError(f"no sandbox at {args.root}: run `up` first")
         box._state = state
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if command:
+            # `run dmem-libvirt status`: the venv's commands by name, before the machine's.
+            search = os.pathsep.join([str(dmem_command().parent), os.environ.get("PATH", os.defpath)])
+            command = [shutil.which(command[0], path=search) or command[0], *command[1:]]
         result = box.run(command, check=False, timeout=None)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)

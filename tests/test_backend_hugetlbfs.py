@@ -293,9 +293,7 @@ def test_pages_in_use_by_someone_else_are_given_back_later_not_lost(tmp_path: Pa
     assert call(ctx, WEB, "release", "end", xml) == Call(0, "", "")
     assert pool(config, 0) == (10, 0) and ctx.ledger.read_grown() == {(0, PAGE): 10}
     use(config, 0, -10)
-    other = live(huge(guest_xml("db02", [4 * MiB]), [0]), 6)
-    assert call(ctx, "db02", "prepare", "begin", other).code == 0
-    assert call(ctx, "db02", "release", "end", other).code == 0
+    assert status.reconcile(ctx) == ["gave back 10 pages of 2 MiB on node 0"]
     assert pool(config, 0) == (0, 0) and ctx.ledger.read_grown() == {}
 
 
@@ -408,3 +406,38 @@ def test_check_reports_hvo_with_its_fix(tmp_path: Path, hvo: str | None, expecte
     assert f"ok    {tmp_path / 'hugepages-2M'} is a hugetlbfs mount of 2 MiB pages that libvirt uses" in text
     assert "ok    host node 0: 0 pages of 2 MiB (0 free), may grow to 1.0 GiB" in text
     assert "FAIL  [hugetlbfs.limit] names host node 3, which is not online" in text
+
+
+def test_check_says_when_the_configured_mount_is_not_one_libvirt_uses(tmp_path: Path) -> None:
+    from dmem_libvirt import cli
+
+    make_huge_host(tmp_path, 1, hvo="1", mounted=(PAGE,))
+    other = tmp_path / "hugepages-1G"
+    mounts = tmp_path / "proc" / "mounts"
+    mounts.write_text(mounts.read_text() + f"hugetlbfs {other} hugetlbfs rw,pagesize=1G 0 0\n")
+    (tmp_path / "config.toml").write_text((tmp_path / "config.toml").read_text()
+                                          + f'\n[hugetlbfs]\nmount = "{other}"\n')
+    out = io.StringIO()
+    assert cli.main(["--config", str(tmp_path / "config.toml"), "check"], stdout=out, stderr=io.StringIO()) == 1
+    assert (f"FAIL  {other} is not in hugetlbfs_mount of {tmp_path}/etc/libvirt/qemu.conf: libvirt will not use it"
+            in out.getvalue())
+
+
+def test_a_file_backed_guest_of_someone_else_starts_on_a_host_without_a_hugetlbfs_mount(tmp_path: Path) -> None:
+    config = make_huge_host(tmp_path, 1, mounted=())
+    backing = "\n  <memoryBacking>\n    <source type='file'/>\n    <access mode='shared'/>\n  </memoryBacking>"
+    xml = live(guest_xml("files01", memory=16 * MiB, backing=backing).encode(), 3)
+    assert call(context(config), "files01", "prepare", "begin", xml) == Call(0, "", "")
+
+
+def test_an_incoming_migration_grows_the_pool_once_and_prepare_takes_that_reservation_over(tmp_path: Path) -> None:
+    config = make_huge_host(tmp_path, 2, limit={0: "1G", 1: "1G"})
+    ctx = context(config)
+    xml = huge(guest_xml(WEB, [32 * MiB]), [1])
+    assert call(ctx, WEB, "migrate", "begin", xml).code == 0
+    assert pool(config, 1) == (16, 16) and ctx.ledger.read_grown() == {(1, PAGE): 16}
+    assert call(ctx, WEB, "prepare", "begin", live(xml, 7)) == Call(0, "", "")
+    assert pool(config, 1) == (16, 16) and ctx.ledger.read_grown() == {(1, PAGE): 16}
+    assert [(e.node, e.origin) for e in ctx.ledger.read()] == [(1, "migrate+prepare")]
+    assert call(ctx, WEB, "release", "end", live(xml, 7)) == Call(0, "", "")
+    assert pool(config, 1) == (0, 0) and ctx.ledger.read_grown() == {}

@@ -230,7 +230,7 @@ def test_refused_connection_is_one_line_naming_the_domain_and_defines_nothing(
     before = defined(conn, web01)
     opened = mocker.patch("libvirt.open", side_effect=libvirt.libvirtError(
         "Failed to connect socket to '/run/libvirt/libvirt-sock': Connection refused"))
-    line = assert_refused(run(["--config", config_file, "-c", "qemu:///system", "enable", web01]), web01)
+    line = assert_refused(run(["--config", config_file, "enable", web01, "-c", "qemu:///system"]), web01)
     opened.assert_called_once_with("qemu:///system")
     assert "cannot connect to libvirt at qemu:///system" in line and "Connection refused" in line
     assert defined(conn, web01) == before
@@ -345,6 +345,25 @@ def test_rewrite_without_pool_data_needs_the_nodes_and_then_works_offline(tmp_pa
     result = run(["rewrite", "--config", str(config.source), "--nodes", "0"], stdin=NO_CELLS.encode())
     assert result.code == 0, result.err
     assert dmem_cells(result.out) == {0: 0}
+
+
+def test_rewrite_without_a_page_size_names_the_flag_and_then_works_offline(tmp_path: Path) -> None:
+    config = make_host(tmp_path / "host", nodes=2, debugfs=False, page_shift=None)
+    argv = ["rewrite", "--config", str(config.source), "--nodes", "0"]
+    line = assert_refused(run(argv, stdin=NO_CELLS.encode()), "small")
+    assert "cannot tell the dmem page size" in line and line.endswith("or give the page size with --page-size")
+    result = run([*argv, "--page-size", "2M"], stdin=NO_CELLS.encode())
+    assert result.code == 0, result.err
+    assert dmem_cells(result.out) == {0: 0}
+
+
+def test_plan_and_enable_take_a_page_size(config_file: str, conn: libvirt.virConnect, web01: str) -> None:
+    result = run(["--config", config_file, "plan", web01, "--page-size", "4K"], conn)
+    assert result.code == 0, result.err
+    assert result.out.startswith("web01: 4 KiB dmem pages\n")
+    result = run(["--config", config_file, "enable", web01, "--page-size", "4K"], conn)
+    assert result.code == 0, result.err
+    assert "enabled on 4 KiB dmem pages" in result.out
 
 
 def test_rewrite_onto_a_node_without_dmem_names_the_nodes_that_have_it(config_file: str) -> None:
@@ -506,8 +525,48 @@ def test_usage_errors_exit_2_with_usage_on_stderr(argv: list[str], config_file: 
 def test_help_goes_to_stdout_and_exits_0() -> None:
     result = run(["--help"])
     assert result.code == 0
-    assert "install-hook" in result.out and "rewrite" in result.out
     assert result.err == ""
+    for name, (text, _) in cli.COMMAND_HELP.items():
+        assert name in result.out
+        assert " ".join(text.split()[:3]) in " ".join(result.out.split())
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMAND_HELP))
+def test_every_command_has_a_description_and_an_example_in_its_help(name: str) -> None:
+    result = run([name, "--help"])
+    assert (result.code, result.err) == (0, "")
+    text, example = cli.COMMAND_HELP[name]
+    usage, description, *_ = result.out.split("\n\n")
+    assert usage.startswith(f"usage: dmem-libvirt {name} ")
+    assert description == text
+    assert result.out.endswith(f"example:\n  {example}\n")
+    assert example.startswith(f"dmem-libvirt {name}")
+
+
+def test_version_prints_the_package_version() -> None:
+    from dmem_libvirt import __version__
+
+    assert run(["--version"]) == Result(0, f"dmem-libvirt {__version__}\n", "")
+
+
+@pytest.mark.parametrize("name", ["rewrite", "status", "metrics", "install-hook", "uninstall-hook", "reconcile",
+                                  "check"])
+def test_commands_that_never_connect_to_libvirt_take_no_uri(name: str) -> None:
+    result = run([name, "-c", "qemu:///system"])
+    assert result.code == 2
+    assert "unrecognized arguments: -c" in result.err
+
+
+def test_a_libvirt_failure_from_the_real_command_is_one_line(config_file: str, tmp_path: Path) -> None:
+    # libvirt's own error handler would print "libvirt: XML-RPC error : ..." before our line.
+    command = Path(sys.executable).parent / "dmem-libvirt"
+    uri = f"qemu:///system?socket={tmp_path / 'no-such-socket'}"
+    result = subprocess.run([str(command), "plan", "web01", "--config", config_file, "-c", uri],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"dmem-libvirt: web01: cannot connect to libvirt at {uri}: ")
+    assert "no-such-socket" in result.stderr
 
 
 # ---- the installed command ------------------------------------------------------------------------------

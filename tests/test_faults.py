@@ -339,3 +339,72 @@ def test_odd_sysfs_values_admission_does_not_use_refuse_no_guest(rig: Rig, name:
     xml = enabled(guest_xml("web01", [16 * MiB]), [0])
     start_guest(rig, "web01", xml, 1, 4242)
 
+
+
+# ---- what check learned -----------------------------------------------------------------------------------
+
+
+def test_check_runs_the_installed_hook_and_names_a_broken_installation(rig: Rig) -> None:
+    install.install_hook(rig.config.libvirt.hooks_dir)
+    working = command(rig, "check").stdout
+    assert f"ok    hook {install.hook_path(rig.config.libvirt.hooks_dir)} loads the package" in working
+    hook_file = install.hook_path(rig.config.libvirt.hooks_dir)
+    hook_file.write_text(install.render_hook(install.hook_template(), sys.executable, ["/nonexistent/venv"]))
+    broken = command(rig, "check")
+    assert broken.code == 1
+    assert f"FAIL  the hook {hook_file} fails as libvirt runs it (exit 1)" in broken.stdout
+    assert "cannot be imported from /nonexistent/venv" in broken.stdout
+
+
+def test_check_names_a_ledger_that_was_set_aside(rig: Rig) -> None:
+    xml = live(enabled(guest_xml("db01", [16 * MiB]), [0]), 1)
+    assert rig.call("db01", "prepare", "begin", xml).code == 0
+    ledger_path(rig).write_text("{garbage")
+    assert "FAIL  ledger" in command(rig, "check").stdout
+    other = live(enabled(guest_xml("web01", [16 * MiB]), [1]), 2)
+    assert rig.call("web01", "prepare", "begin", other).code == 0
+    checked = command(rig, "check").stdout
+    assert "damaged ledger(s) were set aside" in checked
+
+
+def test_a_deleted_ledger_is_rebuilt_from_the_running_guests(rig: Rig) -> None:
+    start_guest(rig, "db01", enabled(guest_xml("db01", [32 * MiB]), [0]), 1, 4242)
+    ledger_path(rig).unlink()
+    # The next transaction books the running guest again: its release will give its pages back.
+    small = live(enabled(guest_xml("app01", [16 * MiB]), [1]), 3)
+    assert rig.call("app01", "prepare", "begin", small).code == 0
+    assert [(e.domain, e.state) for e in rig.reservations()] == [("db01", "pinned"), ("app01", "reserved")]
+    full = rig.free_pages(0) + 16
+    rig.stopped("db01")
+    rig.qemu_exits(4242)
+    assert rig.call("db01", "release", "end", live(enabled(guest_xml("db01", [32 * MiB]), [0]), 1)).code == 0
+    assert rig.free_pages(0) == full
+
+
+def test_the_hook_script_filters_with_the_package_s_own_limit_markers_and_operations() -> None:
+    from dmem_libvirt import XMLNS
+    from dmem_libvirt.hook import NEVER_FAIL, OPERATIONS
+    from dmem_libvirt.xmlsafe import MAX_XML_BYTES
+
+    namespace: dict[str, object] = {}
+    text = install.hook_template()
+    exec(text[: text.index("\ndef main")], namespace)  # the script's constants, without running it
+    assert namespace["READ_LIMIT"] == MAX_XML_BYTES + 1
+    assert namespace["OUR_NAMESPACE"] == XMLNS.encode()
+    refusing = {operation for (operation, subop), handler in OPERATIONS.items()
+                if subop == "begin" and handler not in NEVER_FAIL}
+    assert set(namespace["MAY_REFUSE"]) == refusing  # type: ignore[arg-type]
+
+
+def test_orphans_freed_by_a_refused_prepare_stay_freed_in_the_ledger(rig: Rig) -> None:
+    full = rig.free_pages(0)
+    start_guest(rig, "db01", enabled(guest_xml("db01", [16 * MiB]), [0]), 1, 4242)
+    # db01's QEMU died while libvirtd was down: its files and pages are an orphan.
+    rig.qemu_exits(4242)
+    rig.stopped("db01")
+    rig.now += 2 * HOUR
+    too_big = live(enabled(guest_xml("web01", [80 * MiB]), [0]), 2)
+    assert rig.call("web01", "prepare", "begin", too_big).code == 1
+    # The orphan's pages went back with the refused prepare: the ledger must not book them any more.
+    assert rig.free_pages(0) == full
+    assert rig.reservations() == []

@@ -121,6 +121,34 @@ def test_reconcile_frees_old_reservations_of_dead_guests_and_keeps_live_and_youn
     assert held(host) == [("alive", 1, 2 * GiB, "reserved"), ("starting", 1, 512 * MiB, "reserved")]
 
 
+def dead_pinned_guest(tmp_path: Path, pid: int | None = None) -> tuple[Config, Path]:
+    """A guest pinned 1 GiB on node 0 an hour ago, whose QEMU is gone; its config and RAM file."""
+    config = make_host(tmp_path / "host", nodes=2, emulate=True)
+    directory = config.dmemfs.mount / "libvirt" / "qemu" / "5-gone"
+    directory.mkdir(parents=True)
+    ram = directory / "pc.ram"
+    ram.write_bytes(b"\0" * 4096)
+    os.utime(directory, (time.time() - HOUR, time.time() - HOUR))
+    set_free(config, 0, free_pages(config, 0) - 512)  # what pinning 1 GiB took from node 0
+    book(config, reservation("gone", UUID_A, 0, GiB, state="pinned", created=time.time() - HOUR, path=ram,
+                            pid=pid))
+    return config, ram
+
+
+def test_reconcile_dry_run_says_what_it_would_free_and_why_and_changes_nothing(tmp_path: Path) -> None:
+    config, ram = dead_pinned_guest(tmp_path, pid=999999)
+    directory = ram.parent
+    code, out, err = dmem(config, "reconcile", "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "would free gone (1.0 GiB on node 0): QEMU pid 999999 is gone, libvirt runs no such guest, "
+        "nothing maps its files; reserved 3600 s ago",
+        f"would free {directory} (4.0 KiB): no running guest has this memory directory and nothing maps its files"]
+    assert ram.exists()
+    assert free_pages(config, 0) == 4096 - 512
+    assert held(config) == [("gone", 0, GiB, "pinned")]
+
+
 def test_reconcile_never_frees_within_the_grace_period(host: Config) -> None:
     now = time.time()
     book(host, reservation("dead", UUID_A, 0, GiB, created=now - 200))
@@ -139,13 +167,7 @@ def test_reconcile_with_nothing_to_do_says_so(host: Config) -> None:
 
 
 def test_reconcile_deletes_a_dead_guests_pinned_file_and_gives_its_pages_back(tmp_path: Path) -> None:
-    config = make_host(tmp_path / "host", nodes=2, emulate=True)
-    directory = config.dmemfs.mount / "libvirt" / "qemu" / "5-gone"
-    directory.mkdir(parents=True)
-    ram = directory / "pc.ram"
-    ram.write_bytes(b"\0" * 4096)
-    set_free(config, 0, free_pages(config, 0) - 512)  # what pinning 1 GiB took from node 0
-    book(config, reservation("gone", UUID_A, 0, GiB, state="pinned", created=time.time() - HOUR, path=ram))
+    config, ram = dead_pinned_guest(tmp_path)
     code, out, err = dmem(config, "reconcile")
     assert (code, err) == (0, "")
     assert out.splitlines()[0] == "freed gone (1.0 GiB on node 0)"

@@ -1,8 +1,10 @@
 """Emulated dmemfs for hosts whose kernel has none: a tmpfs for the files, a directory for debugfs.
 
 Selected by ``[backend] name = "emulated"`` (or the older ``[dmemfs] emulate = true``); guests are defined
-for "dmemfs", so a domain enabled on the emulation is enabled for the real thing.  It keeps the dmemfs
-behaviours the product depends on:
+for "dmemfs", so a domain enabled on the emulation is enabled for the real thing.  Its counters live in
+``[dmemfs] debugfs`` when that names one (the sandbox's), else in ``<state dir>/emulated-dmem``, created
+and resized to ``[dmemfs.capacity]`` (default DEFAULT_CAPACITY per online node) in ``[dmemfs] page_size``
+pages (default 2 MiB).  It keeps the dmemfs behaviours the product depends on:
 - capacity and free counts are read from a debugfs-shaped tree (``dpage_shift``, ``node<N>/total_dpages``,
   ``node<N>/free_dpages``, same format as the kernel's) that goes down on pin and up on unpin;
 - a node without enough free pages refuses the allocation, as dmemfs would (there with SIGBUS);
@@ -17,12 +19,22 @@ import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..config import EMULATED_COUNTERS
 from ..errors import HostError, PinError
-from ..units import format_page_size, format_size
+from ..units import GiB, MiB, format_page_size, format_size
 from .dmemfs import DmemfsBackend
 
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..host import Host
+
 TMPFS_MAGIC = 0x01021994
+# Without a debugfs-shaped directory nor [dmemfs.capacity]: this much per online host node, in 2 MiB pages.
+DEFAULT_CAPACITY = 1 * GiB
+DEFAULT_PAGE_SIZE = 2 * MiB
+BASE_PAGE = 4096
 DIRTY_PATTERN = b"DMEM-DIRTY-PAGE!"
 
 
@@ -35,6 +47,46 @@ class EmulatedDmemfsBackend(DmemfsBackend):
 
     def mount_command(self) -> str:
         return f"mkdir -p {self.mount} && mount -t tmpfs none {self.mount}"
+
+    def __init__(self, config: Config, host: Host) -> None:
+        super().__init__(config, host)
+        if self.debugfs == config.state.dir / EMULATED_COUNTERS:
+            self._size_counters()
+
+    def _size_counters(self) -> None:
+        """Create or resize the counters beside the ledger to [dmemfs.capacity] (or DEFAULT_CAPACITY per node)."""
+        page = self.config.dmemfs.page_size or DEFAULT_PAGE_SIZE
+        capacity = self.config.dmemfs.capacity or dict.fromkeys(self.host.online_nodes(), DEFAULT_CAPACITY)
+        try:
+            self.debugfs.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with self._counters():
+                changed = not (self.debugfs / "dpage_shift").exists()
+                if changed:
+                    self._write("dpage_shift", page.bit_length() - 1)
+                    self._write("unaligned_pages", 0)
+                for node, size in capacity.items():
+                    pages = size // page
+                    total = self._read_or_zero(f"node{node}/total_dpages")
+                    if total == pages and (self.debugfs / f"node{node}" / "free_dpages").exists():
+                        continue
+                    changed = True
+                    (self.debugfs / f"node{node}").mkdir(mode=0o700, exist_ok=True)
+                    # Pages pinned now stay taken: only the change of capacity moves the free count.
+                    free = self._read_or_zero(f"node{node}/free_dpages")
+                    self._write(f"node{node}/total_dpages", pages)
+                    self._write(f"node{node}/free_dpages", max(0, free + pages - total))
+                if changed:
+                    nodes = sorted(int(d.name[4:]) for d in self.debugfs.glob("node[0-9]*"))
+                    totals = [self._read(f"node{n}/total_dpages") for n in nodes]
+                    self._write("total_dpages", sum(totals))
+                    self._write("free_dpages", sum(self._read(f"node{n}/free_dpages") for n in nodes))
+                    self._write("region_num", len(nodes))
+                    self._write("registered_pages", sum(totals) * page // BASE_PAGE)
+        except OSError as err:
+            raise HostError(f"cannot set up the emulated dmem counters in {self.debugfs}: {err.strerror}") from None
+
+    def _read_or_zero(self, name: str) -> int:
+        return self._read(name) if (self.debugfs / name).exists() else 0
 
     def fill(self) -> Callable[[int, int], None] | None:
         from ..pin import fill_pattern

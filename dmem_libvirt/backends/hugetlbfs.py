@@ -82,17 +82,27 @@ class HugetlbfsBackend:
         ``[hugetlbfs] mount``, when set, comes first for its size.
         """
         mounted = _hugetlbfs_mounts(self.proc / "mounts")
-        configured = self.host.qemu_conf_value("hugetlbfs_mount")
-        listed = [configured] if isinstance(configured, str) else configured if isinstance(configured, list) else None
+        listed = self.libvirt_mounts()
         found: dict[int, Path] = {}
         own = self.config.hugetlbfs.mount
         if own is not None and own in mounted:
             found[mounted[own]] = own
-        for path in ([Path(str(item)) for item in listed] if listed is not None else list(mounted)):
+        for path in listed if listed is not None else list(mounted):
             size = mounted.get(path)
             if size is not None:
                 found.setdefault(size, path)
         return found
+
+    def libvirt_mounts(self) -> list[Path] | None:
+        """qemu.conf's hugetlbfs_mount (a path or a list of paths); None when unset."""
+        value = self.host.qemu_conf_value("hugetlbfs_mount")
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) and item.startswith("/") for item in items):
+            raise HostError(f"cannot parse {self.config.libvirt.qemu_conf}: hugetlbfs_mount = {value!r} is not "
+                            "an absolute path or a list of them")
+        return [Path(str(item)) for item in items]
 
     @property
     def mount(self) -> Path:
@@ -423,6 +433,11 @@ class HugetlbfsBackend:
             mount = self.mounts()[size]
         except DmemError as err:
             return Finding(False, err.message, "mount hugetlbfs and list it in qemu.conf's hugetlbfs_mount")
+        listed = self.libvirt_mounts()
+        qemu_conf = self.config.libvirt.qemu_conf
+        if listed is not None and mount not in listed:
+            return Finding(False, f"{mount} is not in hugetlbfs_mount of {qemu_conf}: libvirt will not use it",
+                           f'add "{mount}" to hugetlbfs_mount in {qemu_conf} and restart libvirtd')
         return Finding(True, f"{mount} is a hugetlbfs mount of {format_page_size(size)} pages that libvirt uses")
 
     def _check_limits(self) -> list[Finding]:

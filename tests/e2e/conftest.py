@@ -1,9 +1,10 @@
 """End-to-end fixtures: one private libvirtd + QEMU sandbox (tests/sandbox.py) for the whole session.
 
 Every test under tests/e2e is marked `e2e`.  The `sandbox` fixture comes up once with the dmem-libvirt hook
-installed and fails (never skips) with what to install when it cannot; `hookless` removes the hook for one
-test.  `guest` builds a small diskless guest XML with the sandbox's <domain type> (KVM or TCG); `enabled`
-defines one and runs `dmem-libvirt enable` on it; `running` defines and starts one.
+installed and fails (never skips) with what to install when it cannot; `peer` is a second such host, for
+migrations, brought up on first use; `hookless` removes the hook for one test.  `guest` builds a small
+diskless guest XML with the sandbox's <domain type> (KVM or TCG); `enabled` defines one and runs
+`dmem-libvirt enable` on it; `running` defines and starts one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from sandbox import APT_PACKAGES, Sandbox, SandboxError, guest_xml
 
 E2E_DIR = Path(__file__).resolve().parent
 PER_NODE = 2 * GiB
+# The second host's pool: smaller than the first's, and partly taken by memory the ledger does not know.
+PEER_PER_NODE = GiB
+PEER_USED = 256 * MiB
 INSTALL_HINT = (f"run `make bootstrap` as root, or: apt-get install {' '.join(APT_PACKAGES)} "
                 "&& .venv/bin/pip install -e '.[test]'")
 
@@ -37,12 +41,12 @@ def sandbox_root(tag: str) -> Path:
     return Path(f"/run/dmem-sandbox-{tag}-{os.getpid()}")
 
 
-def bring_up(root: Path, *, hook: bool = True, per_node: int = PER_NODE) -> Sandbox:
+def bring_up(root: Path, *, hook: bool = True, per_node: int = PER_NODE, used: int = 0) -> Sandbox:
     """Sandbox(root).up(), or fail the test with the reason and what to install."""
     if os.geteuid() != 0:
         pytest.fail("the end-to-end tests need root: they run a private libvirtd and QEMU "
                     "(run `make e2e` as root)", pytrace=False)
-    box = Sandbox(root, per_node, hook=hook)
+    box = Sandbox(root, per_node, hook=hook, used=used)
     try:
         return box.up()
     except (SandboxError, OSError) as err:
@@ -52,6 +56,14 @@ def bring_up(root: Path, *, hook: bool = True, per_node: int = PER_NODE) -> Sand
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
     box = bring_up(sandbox_root("e2e"))
+    yield box
+    box.down()
+
+
+@pytest.fixture(scope="session")
+def peer(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """A second host beside `sandbox`: its own host name, host UUID, libvirtd, ledger and a smaller pool."""
+    box = bring_up(sandbox_root("peer"), per_node=PEER_PER_NODE, used=PEER_USED)
     yield box
     box.down()
 

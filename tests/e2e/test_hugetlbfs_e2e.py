@@ -104,10 +104,13 @@ class Huge:
 
 @pytest.fixture(scope="module", autouse=True)
 def host_pools() -> Iterator[HostPools]:
-    """Whatever the tests do, the machine's pools and HVO end as they were found."""
-    before = HostPools.take()
-    yield before
-    before.restore()
+    """The machine's pools are ours alone for the module, and end as they were found whatever happens."""
+    with hostpools.exclusive():
+        before = HostPools.take()
+        try:
+            yield before
+        finally:
+            before.restore()
 
 
 @pytest.fixture

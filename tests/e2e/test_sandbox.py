@@ -67,6 +67,14 @@ def test_emulated_debugfs_counts_two_gib_per_node_in_2mib_pages(sandbox: Sandbox
     assert (sandbox.debugfs / "total_dpages").read_text() == f"{1024 * len(sandbox.nodes())}\n"
 
 
+def test_cli_run_finds_the_venvs_commands_by_name(sandbox: Sandbox) -> None:
+    result = subprocess.run([sys.executable, "tests/sandbox.py", "--root", str(sandbox.root), "run", "--",
+                             "dmem-libvirt", "status", "--json"], capture_output=True, text=True, timeout=120,
+                            check=False, cwd=Path(__file__).resolve().parents[2])
+    assert (result.returncode, result.stderr) == (0, "")
+    assert json.loads(result.stdout)["emulated"] is True
+
+
 def test_dmem_mount_is_a_size_limited_tmpfs_seen_only_inside(sandbox: Sandbox) -> None:
     fields = sandbox.run(["findmnt", "-n", "-b", "-o", "FSTYPE,SIZE", str(sandbox.dmem_mount)]).stdout.split()
     assert fields[0] == "tmpfs"
