@@ -1,22 +1,26 @@
 # ./dev demo (or make demo)  - a guest on emulated dmemfs in a private libvirtd sandbox, then a refusal, then cleanup
 # ./dev test (or make test)  - bootstrap, lint, then the whole test suite (end-to-end included); as root on Debian 12
-# make unit / make e2e / make lint / make bootstrap - the parts; make model - 10,000 randomized lifecycle steps
-# make deb                   - build/deb/dmem-libvirt_<version>_all.deb with the Debian tooling, checked by lintian
+# make unit / make e2e / make e2e-numa / make lint / make bootstrap - the parts
+# make model                - 10,000 randomized lifecycle steps
+# make deb                  - build/deb/dmem-libvirt_<version>_all.deb with the Debian tooling, checked by lintian
+# make numa-image           - build (or find cached) the two-NUMA-node test VM image
 
 PYTHON  ?= /usr/bin/python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# The sandbox's libvirtd + QEMU (util-linux: unshare, nsenter), and what libvirt-python compiles against.
+# The sandbox's libvirtd + QEMU (util-linux: unshare, nsenter), what libvirt-python compiles against,
+# and what builds the two-node test VM's image (debootstrap, mkfs.ext4 -d).
 # python3-pip: the tests install the wheel into Debian's python; groff-base: they format the man page.
 APT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 libxml2-utils \
-                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc python3-pip groff-base
+                util-linux python3-venv python3-dev libvirt-dev pkg-config gcc python3-pip groff-base \
+                debootstrap e2fsprogs
 
 # What `make deb` builds with, and what the package depends on (its test installs it).
 DEB_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
                     python3-libvirt python3-lxml
 DEB_DIR := build/deb
 
-.PHONY: bootstrap apt unit e2e lint test demo deb model
+.PHONY: bootstrap apt unit e2e e2e-numa numa-image lint test demo deb model
 
 bootstrap: apt $(VENV)/.installed
 
@@ -37,10 +41,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 unit: $(VENV)/.installed
-	$(BIN)/pytest -q -m 'not e2e'
+	$(BIN)/pytest -q -m 'not e2e and not e2e_numa'
 
 e2e: bootstrap
 	$(BIN)/pytest -q -m e2e
+
+# The image is cached outside the clone (tests/numavm/image.py): built once per machine and input set.
+numa-image: bootstrap
+	$(BIN)/python tests/numavm/vm.py image
+
+e2e-numa: numa-image
+	$(BIN)/pytest -q -m e2e_numa
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -48,6 +59,7 @@ lint: $(VENV)/.installed
 
 test: bootstrap
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory numa-image
 	$(BIN)/pytest -q
 
 demo: bootstrap

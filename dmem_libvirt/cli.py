@@ -88,8 +88,8 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "reconcile": ("adopt running guests the ledger lost; free reservations no live guest owns",
                   "dmem-libvirt reconcile --dry-run"),
     "check": ("verify the installation; print each finding with its fix", "dmem-libvirt check"),
-    "nova-config": ("print the nova.conf lines and provider config YAML for this host's pools (OpenStack Nova)",
-                    "dmem-libvirt nova-config --provider-yaml > /etc/nova/provider_config/dmem-libvirt.yaml"),
+    "nova-config": ("print the nova.conf lines and provider config YAML for this host's pools",
+                    "dmem-libvirt nova-config --reserve 4G"),
 }
 
 
@@ -143,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("reconcile").add_argument("--dry-run", action="store_true",
                                       help="print what would be adopted or freed and why; change nothing")
     command("check")
-    nova = command("nova-config")
-    nova.add_argument("--reserve", type=_size, metavar="SIZE",
-                      help="pool memory kept back from Nova (default: [nova] reserve, 0)")
-    only = nova.add_mutually_exclusive_group()
+    p = command("nova-config")
+    p.add_argument("--reserve", type=_size, metavar="SIZE",
+                   help="pool memory kept back from Nova (default: [nova] reserve, 0)")
+    only = p.add_mutually_exclusive_group()
     only.add_argument("--conf", action="store_true", help="print only the nova.conf lines")
     only.add_argument("--provider-yaml", action="store_true", help="print only the provider config YAML")
     return parser

@@ -430,14 +430,15 @@ def test_a_file_backed_guest_of_someone_else_starts_on_a_host_without_a_hugetlbf
     assert call(context(config), "files01", "prepare", "begin", xml) == Call(0, "", "")
 
 
-def test_an_incoming_migration_grows_the_pool_once_and_prepare_takes_that_reservation_over(tmp_path: Path) -> None:
+def test_an_incoming_migration_is_placed_at_migrate_and_grown_and_booked_once_at_prepare(tmp_path: Path) -> None:
     config = make_huge_host(tmp_path, 2, limit={0: "1G", 1: "1G"})
     ctx = context(config)
     xml = huge(guest_xml(WEB, [32 * MiB]), [1])
+    # libvirt may still turn the guest away after migrate begin without another hook call: nothing is held yet.
     assert call(ctx, WEB, "migrate", "begin", xml).code == 0
-    assert pool(config, 1) == (16, 16) and ctx.ledger.read_grown() == {(1, PAGE): 16}
+    assert pool(config, 1) == (0, 0) and ctx.ledger.read() == [] and ctx.ledger.read_grown() == {}
     assert call(ctx, WEB, "prepare", "begin", live(xml, 7)) == Call(0, "", "")
     assert pool(config, 1) == (16, 16) and ctx.ledger.read_grown() == {(1, PAGE): 16}
-    assert [(e.node, e.origin) for e in ctx.ledger.read()] == [(1, "migrate+prepare")]
+    assert [(e.node, e.origin) for e in ctx.ledger.read()] == [(1, "prepare")]
     assert call(ctx, WEB, "release", "end", live(xml, 7)) == Call(0, "", "")
     assert pool(config, 1) == (0, 0) and ctx.ledger.read_grown() == {}

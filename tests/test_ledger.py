@@ -319,15 +319,6 @@ def test_twenty_simultaneous_admissions_fill_the_capacity_exactly_once(ledger: L
     assert sum(r.bytes for r in admitted) == CAPACITY_SLOTS * SLOT
 
 
-def test_may_hold_is_false_only_when_the_ledger_surely_lacks_the_uuid(tmp_path: Path) -> None:
-    held = "6f9a4c1e-0000-4000-8000-000000000001"
-    assert not may_hold(tmp_path, held)
-    (tmp_path / "ledger.json").write_text(json.dumps({"reservations": [{"uuid": held}]}))
-    assert may_hold(tmp_path, held)
-    assert not may_hold(tmp_path, held.replace("1", "2"))
-    assert may_hold(tmp_path / "ledger.json", held)  # not a directory: unreadable, so maybe
-
-
 # ---- pages the tool added to the kernel's pools -----------------------------------------------------
 
 
@@ -364,3 +355,12 @@ def test_a_malformed_grown_count_makes_the_ledger_corrupt(ledger: Ledger, grown:
     ledger.path.write_text(json.dumps(document))
     with pytest.raises(LedgerCorrupt, match=message):
         ledger.read()
+
+
+def test_may_hold_is_false_only_when_the_ledger_surely_lacks_the_uuid(tmp_path: Path) -> None:
+    held = "6f9a4c1e-0000-4000-8000-000000000001"
+    assert not may_hold(tmp_path, held)
+    (tmp_path / "ledger.json").write_text(json.dumps({"reservations": [{"uuid": held}]}))
+    assert may_hold(tmp_path, held)
+    assert not may_hold(tmp_path, held.replace("1", "2"))
+    assert may_hold(tmp_path / "ledger.json", held)  # not a directory: unreadable, so maybe
