@@ -5,7 +5,8 @@ The domains are tests/data/nova/*.xml (Nova's file-backed memory with <discard/>
 its <nova:instance> metadata), with <domain type> set to what the sandbox runs.  The sandbox's config gets
 ``[adopt] file_backed = "admit"`` for these tests and its own setting back afterwards.  The hugepages
 guests run on the hugetlbfs backend through the hugetlbfs tests' fixtures (imported: `huge`, which restores
-the machine's real pools after each test, and the module-wide `host_pools`).
+the machine's real pools after each test, and the module-wide `host_pools`); live migration runs between
+the two sandbox hosts of the migration tests (`hosts`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from .test_hook_e2e import (
     status,
 )
 from .test_hugetlbfs_e2e import Huge, host_pools, huge  # noqa: F401
+from .test_migration import assert_empty, hosts, wait_holding  # noqa: F401
 from sandbox import Sandbox, with_domain_type
 
 NOVA_DATA = Path(__file__).resolve().parent.parent / "data" / "nova"
 CONFIG = "/etc/dmem-libvirt/config.toml"
+ADMIT_FILE_BACKED = '\n[adopt]\nfile_backed = "admit"\n'
 FLAT = "instance-0000000a"
 NUMA = "instance-0000000b"
 
@@ -53,7 +56,7 @@ def admitting(sandbox: Sandbox) -> Iterator[Sandbox]:
     """The sandbox with adoption on; every test leaves the pool empty and its Nova guests undefined."""
     config = sandbox.private(CONFIG)
     before = config.read_text()
-    config.write_text(before + '\n[adopt]\nfile_backed = "admit"\n')
+    config.write_text(before + ADMIT_FILE_BACKED)
     assert_all_memory_returned(sandbox)
     try:
         yield sandbox
@@ -121,7 +124,36 @@ def test_restarting_libvirtd_after_the_ledger_was_lost_re_adopts_the_running_nov
     box.restart_libvirtd()
     assert domstate(box, name) == "running"
     assert assert_pinned_and_mapped(box, name, 128 * MiB) == pid
-    assert [(r["node"], r["origin"]) for r in reservations_of(box, name)] == [(0, "reconnect")]
+    # The first transaction after the loss rebuilds the running guests, adopted ones included.
+    assert [(r["node"], r["origin"]) for r in reservations_of(box, name)] == [(0, "rebuilt")]
+
+
+@pytest.mark.parametrize("name, file, nodes", [(FLAT, "instance-flat.xml", None),
+                                              (NUMA, "instance-numa.xml", [0])], ids=["no-numa-topology", "memnode"])
+def test_nova_guest_live_migrates_as_nova_asks_pinned_on_the_destination_and_given_back_by_the_source(
+        hosts: tuple[Sandbox, Sandbox], name: str, file: str, nodes: list[int] | None) -> None:
+    source, destination = hosts
+    before = {box: box.config_file.read_text() for box in hosts}
+    try:
+        for box in hosts:
+            box.use_config(before[box] + ADMIT_FILE_BACKED)
+        source.define(nova_domain(source, file))
+        source.virsh("start", name)
+        # Nova's libvirt driver: live, peer to peer, persistent on the destination, undefined on the source.
+        source.migrate(name, destination, "--live", "--p2p", "--persistent", "--undefinesource")
+        assert domstate(destination, name) == "running"
+        assert_pinned_and_mapped(destination, name, 128 * MiB)
+        [backend] = memory_backends(destination, name)
+        assert backend.get("host-nodes") == nodes
+        assert [r["origin"] for r in reservations_of(destination, name)] == ["prepare"]
+        assert name not in source.virsh("list", "--all", "--name").stdout.split()
+        wait_holding(source, [])
+        assert_empty(source)
+        destination.virsh("destroy", name)
+        wait_holding(destination, [])
+    finally:
+        for box in hosts:
+            box.use_config(before[box])
 
 
 def test_nova_guest_beyond_the_pool_is_refused_at_prepare_with_the_line(admitting: Sandbox) -> None:
