@@ -41,10 +41,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 unit: $(VENV)/.installed
-	$(BIN)/pytest -q -m 'not e2e and not e2e_numa'
+	$(BIN)/pytest -q -m 'not e2e'
 
 e2e: bootstrap
-	$(BIN)/pytest -q -m e2e
+	$(BIN)/pytest -q -m 'e2e and not e2e_numa'
 
 # The image is cached outside the clone (tests/numavm/image.py): built once per machine and input set.
 numa-image: bootstrap

@@ -27,6 +27,8 @@ from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import hostpools
+
 from dmem_libvirt.units import MiB, format_size
 
 from sandbox import Sandbox, guest_xml
@@ -69,14 +71,15 @@ def pools(box: Sandbox) -> dict[int, dict[str, int]]:
     return {pool["node"]: pool for pool in status(box)["pools"]}
 
 
-def pages_by_node(box: Sandbox, name: str) -> dict[str, dict[int, int]]:
-    """backing file name -> {host node: bytes} of guest ``name``'s RAM, from its QEMU's numa_maps."""
+def pages_by_node(box: Sandbox, name: str, mount: Path | None = None) -> dict[str, dict[int, int]]:
+    """backing file name -> {host node: bytes} of guest ``name``'s RAM files under ``mount`` (the dmemfs
+    mount by default), from its QEMU's numa_maps."""
     pid = box.qemu_pid(name)
     found: dict[str, dict[int, int]] = {}
     for line in Path(f"/proc/{pid}/numa_maps").read_text().splitlines():
         fields = line.split()
-        files = [f[len("file="):] for f in fields if f.startswith("file=")]
-        if not files or str(box.dmem_mount) not in files[0]:
+        files = [Path(f[len("file="):]) for f in fields if f.startswith("file=")]
+        if not files or (mount or box.dmem_mount) not in files[0].parents:
             continue
         page = next(int(f.split("=")[1]) * 1024 for f in fields if f.startswith("kernelpagesize_kB="))
         per_node = found.setdefault(Path(files[0]).name, {})
@@ -111,6 +114,8 @@ class Guests:
     def __init__(self, box: Sandbox) -> None:
         self.box = box
         self.names: list[str] = []
+        # What one check measured for a later one (the pools before the first guest, ...).
+        self.notes: dict[str, Any] = {}
 
     def enable(self, name: str, memory: int, *, nodes: str | None = None, cells: Sequence[int] = ()) -> str:
         self.box.define(guest_xml(name, memory, domain_type=self.box.domain_type, cells=cells))
@@ -221,6 +226,56 @@ def refusal_names_node_1_while_node_0_has_room(g: Guests) -> None:
     expect(g.placed("bound1", seen) == [], f"bound1 holds reservations after its refusal: {g.placed('bound1', seen)}")
 
 
+# ---- hugetlbfs on the VM's real per-node pools ------------------------------------------------------------
+# What each node's 2 MiB pool may grow to: room for one CELL guest beside a HUGE_BIG one, not two.
+HUGE_LIMIT = 2 * CELL
+HUGE_BIG = 3 * CELL // 2
+
+
+def huge_pools() -> dict[int, int]:
+    """nr_hugepages of each node's 2 MiB pool, as the kernel reports it."""
+    return {node: hostpools.pool(node)[0] for node in (0, 1)}
+
+
+def node_1_pool_grown_only(g: Guests) -> None:
+    box = g.box
+    g.notes["pools"] = before = huge_pools()
+    # Enabled while node 1's limit still has room for it, for the refusal below.
+    g.enable("hbig", HUGE_BIG, nodes="1", cells=(HUGE_BIG,))
+    g.start("huge1", CELL, nodes="1", cells=(CELL,))
+    after = huge_pools()
+    want = {0: before[0], 1: before[1] + CELL // hostpools.PAGE}
+    expect(after == want, f"2 MiB pools (nr_hugepages per node) {after} after starting huge1 on node 1; "
+                          f"expected {want}")
+    mount = box.hugetlbfs_mounts[hostpools.PAGE]
+    seen = {n: b for per_file in pages_by_node(box, "huge1", mount).values() for n, b in per_file.items()}
+    expect(seen == {1: CELL}, f"huge1: its RAM on {mount} should be {format_size(CELL)} on node 1, "
+                              f"numa_maps show {({n: format_size(b) for n, b in seen.items()})}")
+
+
+def limit_refusal_names_node_1_while_node_0_has_room(g: Guests) -> None:
+    before = huge_pools()
+    refused = g.box.virsh("start", "hbig", check=False)
+    expect(refused.returncode != 0, f"hbig ({format_size(HUGE_BIG)} on node 1) started beside huge1 although "
+                                    f"node 1's pool may grow to {format_size(HUGE_LIMIT)} only")
+    line = hook_line(refused.stderr)
+    expect(line.startswith("dmem-libvirt: hbig: ") and "host node 1" in line and "node 0" not in line
+           and format_size(HUGE_LIMIT) in line, f"the refusal should name host node 1 and its limit: {line}")
+    expect(huge_pools() == before, f"the refusal changed the pools: {huge_pools()}, before {before}")
+    room0 = HUGE_LIMIT - (before[0] - g.notes["pools"][0]) * hostpools.PAGE
+    expect(room0 >= HUGE_BIG, f"node 0 should have room for {format_size(HUGE_BIG)}, has {format_size(room0)}")
+
+
+def node_1_pool_given_back(g: Guests) -> None:
+    g.box.virsh("destroy", "huge1")
+    expect(huge_pools() == g.notes["pools"], f"2 MiB pools after huge1 stopped: {huge_pools()}, "
+                                             f"before it started: {g.notes['pools']}")
+
+
+def use_hugetlbfs(box: Sandbox) -> None:
+    box.use_config(box.hugetlbfs_config({0: HUGE_LIMIT, 1: HUGE_LIMIT}))
+
+
 class TimedSandbox(Sandbox):
     """The sandbox, printing each command it runs and how long it took on the console."""
 
@@ -234,7 +289,7 @@ class TimedSandbox(Sandbox):
             print(f"    {time.monotonic() - started:6.1f} s  {' '.join(words)[:160]}", flush=True)
 
 
-def dmemfs_sandbox() -> Sandbox:
+def timed_sandbox() -> Sandbox:
     return TimedSandbox(ROOT, PER_NODE)
 
 
@@ -250,13 +305,15 @@ class Section:
     name: str
     sandbox: Callable[[], Sandbox]
     checks: tuple[Check, ...]
+    # Run once the sandbox is up (its backend's configuration).
+    configure: Callable[[Sandbox], None] | None = None
 
     def names(self) -> list[str]:
         return [f"{self.name}/{c.__name__}" for c in self.checks] + [f"{self.name}/{GIVEN_BACK}"]
 
 
 SECTIONS = (
-    Section("dmemfs", dmemfs_sandbox, (
+    Section("dmemfs", timed_sandbox, (
         two_cells_across_nodes,
         status_per_node,
         placed_on_node_1_when_node_0_is_fuller,
@@ -264,6 +321,11 @@ SECTIONS = (
         migrate_retargets_when_the_recorded_node_is_full,
         refusal_names_node_1_while_node_0_has_room,
     )),
+    Section("hugetlbfs", timed_sandbox, (
+        node_1_pool_grown_only,
+        limit_refusal_names_node_1_while_node_0_has_room,
+        node_1_pool_given_back,
+    ), configure=use_hugetlbfs),
 )
 # Checks of the VM itself, before any section: without two nodes nothing else means anything.
 TOPOLOGY = "vm/two_numa_nodes"
@@ -323,9 +385,12 @@ def run_section(report: Report, section: Section) -> None:
     box = section.sandbox()
     try:
         box.up()
+        if section.configure is not None:
+            section.configure(box)
     except Exception as err:
         for name in names:
             report.verdict(name, CheckFailed(f"the {section.name} sandbox did not come up: {_describe(err)}"))
+        box.down()
         return
     try:
         empty = pools(box)

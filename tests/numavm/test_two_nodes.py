@@ -1,7 +1,7 @@
 """The hook end to end on two real NUMA nodes: one boot of the nested two-node VM (tests/numavm/vm.py)
 runs every check of tests/numavm/inside.py; each check is one test here, failing with the VM's own lines.
 
-Marked `e2e_numa`.  The first run on a machine builds the VM image (minutes); later runs reuse it."""
+Marked `e2e_numa` (and `e2e`).  The first run on a machine builds the VM image (minutes); later runs reuse it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from .inside import check_names
 from .vm import Outcome, run_checks
 
-pytestmark = pytest.mark.e2e_numa
+# Also `e2e`, so that `-m 'not e2e'` (the unit tests) never boots the VM.
+pytestmark = [pytest.mark.e2e, pytest.mark.e2e_numa]
 
 
 @pytest.fixture(scope="module")
