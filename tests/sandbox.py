@@ -825,7 +825,8 @@ def demo(root: Path, per_node: int) -> int:
 
 
 def _show(result: subprocess.CompletedProcess[str]) -> None:
-    argv = [str(arg) for arg in result.args[4:]]
+    args = [str(arg) for arg in result.args]
+    argv = args[args.index("--") + 1:]  # the command itself, without the nsenter prefix
     if argv[0] == "virsh":
         argv = ["virsh", *argv[4:]]  # without "-q -c qemu:///system"
     print("$ " + " ".join(argv).replace(str(dmem_command()), "dmem-libvirt"))
