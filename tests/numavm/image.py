@@ -2,10 +2,11 @@
 
 `ensure_image()` returns a cached image, building it when absent.  The cache lives outside the clone
 (``$DMEM_NUMAVM_CACHE``, default CACHE_DIR), one directory per key (image_key: the packages, the build
-steps, the VM's init script, pyproject.toml); images unused for UNUSED_DAYS are pruned.  The project's code
-is not in the key: the runner hands the current tree to the VM on a second disk at every boot, where the
-venv's editable install finds it, so a code change costs no rebuild.  Only Debian packages are downloaded,
-from the Debian mirror in this machine's apt sources.  Needs root, debootstrap and e2fsprogs.
+steps, the VM's init script, the entry points in pyproject.toml); images unused for UNUSED_DAYS are
+pruned.  The project's code is not in the key: the runner hands the current tree to the VM on a second
+disk at every boot, where the venv's editable install finds it, so a code change costs no rebuild.  Only
+Debian packages are downloaded, from the Debian mirror in this machine's apt sources.  Needs root,
+debootstrap and e2fsprogs.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
+import json
 import os
 import re
 import shutil
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,15 +91,16 @@ def cache_dir() -> Path:
 
 def image_key() -> str:
     """The hash of what makes the image: the packages, the build steps, the init script baked into it and
-    pyproject.toml (the editable install's entry points).  Not the rest of this module, nor the project's
-    code, which reaches the VM at every boot."""
-    digest = hashlib.sha256()
+    what the editable install records from pyproject.toml (name, entry points, package layout).  Not the
+    rest of this module, nor the project's code, which reaches the VM at every boot."""
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        project = tomllib.load(handle)
+    installed = {"name": project["project"]["name"], "scripts": project["project"].get("scripts"),
+                 "setuptools": project.get("tool", {}).get("setuptools")}
     recipe = [SUITE, *BASE_PACKAGES, "--", *PACKAGES, str(PROJECT), str(HEADROOM), LINK_LXML, POLICY_RC_D,
-              inspect.getsource(build), inspect.getsource(_chroot_mounts), inspect.getsource(_copy_boot_files)]
-    digest.update("\0".join(recipe).encode())
-    for path in (INIT_SCRIPT, REPO / "pyproject.toml"):
-        digest.update(b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+              inspect.getsource(build), inspect.getsource(_chroot_mounts), inspect.getsource(_copy_boot_files),
+              INIT_SCRIPT.read_text(), json.dumps(installed, sort_keys=True)]
+    return hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
 
 
 def ensure_image(log: Path | None = None) -> tuple[Image, bool]:
