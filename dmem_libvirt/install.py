@@ -9,6 +9,7 @@ never touched.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import sys
@@ -58,6 +59,13 @@ def library_paths() -> list[str]:
         path = sysconfig.get_paths()[key]
         if path not in paths:
             paths.append(path)
+    # lxml may come from outside this installation's own directories (Debian's python3-lxml beside a venv
+    # made with --system-site-packages): -S would hide it, and migrate/restore begin need it.
+    found = importlib.util.find_spec("lxml")
+    if found is not None and found.origin:
+        lxml_parent = str(Path(found.origin).resolve().parent.parent)
+        if lxml_parent not in paths:
+            paths.append(lxml_parent)
     return paths
 
 

@@ -166,6 +166,15 @@ def test_installed_hook_finds_the_package_and_lxml_through_its_library_paths(hos
     assert result.returncode == 0, result.stderr
 
 
+def test_library_paths_name_where_lxml_comes_from_when_it_is_outside_this_installation(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A venv made with --system-site-packages takes Debian's python3-lxml from /usr/lib/python3/dist-packages.
+    import lxml
+
+    monkeypatch.setattr(install.sysconfig, "get_paths", lambda: {"purelib": str(tmp_path), "platlib": str(tmp_path)})
+    assert str(Path(lxml.__file__).resolve().parent.parent) in install.library_paths()
+
+
 def test_hook_template_without_library_paths_cannot_find_the_package(tmp_path: Path) -> None:
     # What LIBRARY_PATHS is for: -I -S leaves no site-packages, no PYTHONPATH, no script directory.
     bare = tmp_path / "bare-hook"

@@ -50,10 +50,6 @@ HEADROOM = 512 * 1024 * 1024
 # Images of other inputs (other branches, older package lists) are kept this long after their last use.
 UNUSED_DAYS = 7
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
-# The hook runs with -I -S and install-hook gives it the venv's own site-packages, not the system's where
-# Debian's python3-lxml is (the migrate and restore paths import lxml): link lxml into the venv.
-LINK_LXML = ("import lxml, os, sysconfig; "
-             "os.symlink(os.path.dirname(lxml.__file__), os.path.join(sysconfig.get_paths()['purelib'], 'lxml'))")
 # Blocks every service start while packages are installed in the chroot.
 POLICY_RC_D = "#!/bin/sh\nexit 101\n"
 
@@ -97,7 +93,7 @@ def image_key() -> str:
         project = tomllib.load(handle)
     installed = {"name": project["project"]["name"], "scripts": project["project"].get("scripts"),
                  "setuptools": project.get("tool", {}).get("setuptools")}
-    recipe = [SUITE, *BASE_PACKAGES, "--", *PACKAGES, str(PROJECT), str(HEADROOM), LINK_LXML, POLICY_RC_D,
+    recipe = [SUITE, *BASE_PACKAGES, "--", *PACKAGES, str(PROJECT), str(HEADROOM), POLICY_RC_D,
               inspect.getsource(build), inspect.getsource(_chroot_mounts), inspect.getsource(_copy_boot_files),
               INIT_SCRIPT.read_text(), json.dumps(installed, sort_keys=True)]
     return hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
@@ -181,7 +177,6 @@ def build(image: Image, log: Path | None = None) -> None:
             step("python3", "-m", "venv", "--system-site-packages", VENV, chroot=True)
             step(VENV / "bin/pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                  "--disable-pip-version-check", "-e", SRC, chroot=True)
-            step(VENV / "bin/python", "-c", LINK_LXML, chroot=True)
         policy.unlink()
         shutil.rmtree(rootfs / "var/lib/apt/lists", ignore_errors=True)
         init = rootfs / "sbin/numavm-init"
