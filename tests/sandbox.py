@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,8 @@ MARKER = ".dmem-sandbox"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 INSIDE_URI = "qemu:///system"
+# How virsh shows a hook's failure: the hook's own stderr line follows libvirt's prefix.
+HOOK_FAILED = re.compile(r"Hook script execution failed: .* unexpected exit status 1: (.*)$", re.M)
 PR_SET_CHILD_SUBREAPER = 36
 # Runs argv (a daemon that forks into the background) as the child of a process that reaps every orphan
 # below it at once, then returns argv's status.  QEMU, daemonized by libvirtd, is such an orphan: without

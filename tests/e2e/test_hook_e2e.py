@@ -19,13 +19,12 @@ from dmem_libvirt.backends.emulated import DIRTY_PATTERN
 from dmem_libvirt.units import MiB, format_size
 
 from .conftest import GuestFactory
-from sandbox import Sandbox, SandboxError, memory_arguments
+from sandbox import HOOK_FAILED, Sandbox, SandboxError, memory_arguments
 
 Enable = Callable[..., str]
 Start = Callable[[str, str], int]
 
 # What libvirt prints before the hook's stderr when a hook fails (measured on 9.0).
-HOOK_FAILED = re.compile(r"Hook script execution failed: .* unexpected exit status 1: (.*)$", re.M)
 SIZE = r"\d+(?:\.\d+)? (?:B|KiB|MiB|GiB|TiB)"
 STATE_DIR = "/var/lib/dmem-libvirt"
 STOP_WAIT = 15.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ from hostpools import HVO, PAGE, HostPools, pool
 
 from dmem_libvirt.units import GiB, KiB, MiB, format_size
 
+from .test_hook_e2e import hook_line
 from sandbox import Sandbox, SandboxError, guest_xml
 
-HOOK_FAILED = re.compile(r"Hook script execution failed: .* unexpected exit status 1: (.*)$", re.M)
 STOP_WAIT = 15.0
 PATTERN = b"PREVIOUS-TENANT!"
 
@@ -40,12 +39,6 @@ def memmap_bytes() -> int:
     Path("/proc/sys/vm/stat_refresh").write_text("1\n")
     values = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
     return (int(values["nr_memmap_pages"]) + int(values["nr_memmap_boot_pages"])) * 4096
-
-
-def hook_line(stderr: str) -> str:
-    found = HOOK_FAILED.findall(stderr)
-    assert len(found) == 1, f"virsh did not show one hook refusal:\n{stderr}"
-    return str(found[0]).strip()
 
 
 def guest_ram(pid: int) -> tuple[int, int, list[str]]:

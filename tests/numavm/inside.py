@@ -31,7 +31,7 @@ import hostpools
 
 from dmem_libvirt.units import MiB, format_size
 
-from sandbox import Sandbox, guest_xml
+from sandbox import HOOK_FAILED, Sandbox, guest_xml
 
 PREFIX = "numavm:"
 ROOT = Path("/run/dmem-sandbox-numavm")
@@ -48,7 +48,6 @@ HOOK = "/etc/libvirt/hooks/qemu.d/50-dmem-libvirt"
 HOOK_ENV = ("env", "-i", "LC_ALL=C", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/")
 # A kernel parameter that narrows the run to one section (vm.py run -k SECTION).
 ONLY_PARAMETER = "numavm.only"
-HOOK_FAILED = re.compile(r"Hook script execution failed: .* unexpected exit status 1: (.*)$", re.M)
 
 
 class CheckFailed(Exception):
