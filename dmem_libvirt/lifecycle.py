@@ -191,10 +191,10 @@ def _drop(ctx: HookContext, book: Book, entries: list[Reservation], action: str)
                 from .pin import remove_file
 
                 remove_file(path.parent, path.name)
+            # Also when libvirt removed the file first: its pages are back either way.
+            ctx.backend.released(path)
         book.remove_entry(entry)
         dropped.append(entry)
-        if entry.state == "pinned":
-            ctx.backend.released(entry.node, entry.bytes)
     _log_reservations(action, dropped)
     ctx.backend.give_back(ctx, book, dropped)
     return kept
@@ -455,7 +455,7 @@ def pin_files(ctx: HookContext, name: str, dom: DomainMemory, uuid: str, dom_id:
     except BaseException:
         for entry in pinned:
             remove_file(directory, entry.file)
-            ctx.backend.released(entry.node, entry.bytes)
+            ctx.backend.released(directory / entry.file)
         raise
     _log_reservations("pin", pinned, dir=directory)
 
@@ -488,19 +488,16 @@ def _pin_one(ctx: HookContext, name: str, directory: Path, entry: Reservation, p
             raise PinError(f"{stale} already exists and is mapped by pid {users[0]}", name)
         remove_file(directory, entry.file)
         log.event("stale-file-removed", name, path=stale)
-    if entry.state == "pinned":
-        # A second start over an entry pinned before (its release never came): those pages were
-        # counted as taken once already.
-        ctx.backend.released(entry.node, entry.bytes)
+        ctx.backend.released(stale)
     cpus = ctx.host.node_cpus(entry.node)
     if threads <= 0:
         threads = max(1, min(len(cpus) or 1, 8))
-    ctx.backend.allocated(name, entry.node, entry.bytes)
+    result = pin_file(directory, entry.file, entry.bytes, entry.node, page_size=page_size, uid=uid,
+                      gid=gid, threads=threads, cpus=cpus, fill=ctx.backend.fill())
     try:
-        result = pin_file(directory, entry.file, entry.bytes, entry.node, page_size=page_size, uid=uid,
-                          gid=gid, threads=threads, cpus=cpus, fill=ctx.backend.fill())
+        ctx.backend.allocated(name, result.path, entry.node, entry.bytes)
     except BaseException:
-        ctx.backend.released(entry.node, entry.bytes)
+        remove_file(directory, entry.file)
         raise
     log.event("pinned", name, node=entry.node, bytes=entry.bytes, seconds=f"{result.seconds:.3f}",
               gib_per_s=f"{entry.bytes / (1 << 30) / max(result.seconds, 1e-9):.2f}")

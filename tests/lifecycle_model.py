@@ -92,10 +92,6 @@ class World:
     lingering: dict[int, list[Path]] = field(default_factory=dict)   # QEMUs still mapping after a stop
     dead_pids: list[int] = field(default_factory=list)
     ledger_fault: bytes | None = None   # the damaged ledger a fault left, until a transaction repairs it
-    # Per node: pages taken from the emulated counters that no pinned ledger entry accounts for, as a
-    # fault left them (a kill while pinning, a damaged ledger that lost a stopped guest's entry).
-    unaccounted: Counter[int] = field(default_factory=Counter)
-    faulted: bool = False       # the step in progress injected a fault or repaired the ledger
 
     @classmethod
     def create(cls, root: Path, nodes: int) -> World:
@@ -265,7 +261,6 @@ class World:
                 return
             self.rig.domain_dir(guest.name, guest.dom_id)
         subop = "end" if operation == "release" else "begin"
-        self.faulted = True
         child = self._fork_hook(guest, operation, subop, xml)
         time.sleep(delay)
         os.kill(child, signal.SIGKILL)
@@ -307,7 +302,6 @@ class World:
         if not path.exists():
             return
         data = path.read_bytes()
-        self.faulted = True
         if how == "deleted":
             path.unlink()
         elif how == "truncated":
@@ -335,7 +329,6 @@ class World:
         raw = path.read_bytes() if path.exists() else b""
         if self.ledger_fault is not None and raw != self.ledger_fault:
             self.ledger_fault = None
-            self.faulted = True
         entries, damage = self.rig.ledger.snapshot()
         if damage and self.ledger_fault is None:
             raise Violation(f"the ledger is damaged though no fault did it: {damage}")
@@ -348,7 +341,6 @@ class World:
             raise Violation("a (uuid, file) is booked twice in the ledger")
         page = PAGE
         self._accounting(entries)
-        self.faulted = False
         for node in range(self.nodes):
             total = int((self.rig.config.dmemfs.debugfs / f"node{node}" / "total_dpages").read_text()) * page
             free = self.rig.free_pages(node) * page
@@ -367,28 +359,34 @@ class World:
                     raise Violation(f"running guest {guest.name!r} holds {sorted(held)}, not {sorted(wanted)}")
 
     def _accounting(self, entries: Sequence[Reservation]) -> None:
-        """Pages taken from each node's counters match the pinned entries, but for what a fault explains.
+        """The counters count the pages of the pinned files that exist: no page lost, none counted twice.
 
-        The real dmemfs counts pages in the kernel, per file; the emulated one counts what the lifecycle
-        tells it, so a pin killed half-way or an entry a damaged ledger lost leaves pages it cannot see come
-        back.  Such a step moves the baseline (counted as lost to faults); any other step must not.
+        The emulation counts pages per file, as the kernel does: whatever a fault interrupted, a file's pages
+        are back once it is gone, and a file the ledger pins is counted.  Only a hook killed between pinning
+        a file and counting it leaves a file that is not counted, until that file is removed.
         """
+        self.rig.context().backend.pools()  # a reader settles the counters (status does the same)
+        files = {str(path): path.lstat() for path in self.rig.mount.rglob("*") if path.is_file()}
+        pinned: Counter[int] = Counter()
+        for entry in entries:
+            info = files.get(entry.path or "")
+            if entry.state == "pinned" and info is not None and info.st_ino == entry.inode:
+                pinned[entry.node] += entry.bytes // PAGE
+        taken = {}
         for node in range(self.nodes):
             total = int((self.rig.config.dmemfs.debugfs / f"node{node}" / "total_dpages").read_text())
-            taken = total - self.rig.free_pages(node)
-            pinned = sum(e.bytes // PAGE for e in entries if e.node == node and e.state == "pinned")
-            deficit = taken - pinned
-            if deficit == self.unaccounted[node]:
-                continue
-            # Once a fault left the counters above what the ledger pins, the emulation's clamp at the
-            # total moves the difference on later steps too.
-            if not (self.faulted or self.ledger_fault is not None or self.unaccounted[node] < 0):
-                raise Violation(f"node {node}: {taken} pages taken from the counters, the ledger pins {pinned} "
-                                f"(the faults so far explain {self.unaccounted[node]:+d})")
-            change = deficit - self.unaccounted[node]
-            self.counts["emulated pages lost to faults" if change > 0 else
-                        "emulated pages over-credited after faults"] += abs(change)
-            self.unaccounted[node] = deficit
+            taken[node] = total - self.rig.free_pages(node)
+            if taken[node] < pinned[node]:
+                raise Violation(f"node {node}: the ledger pins {pinned[node]} pages in files that exist, "
+                                f"the counters count {taken[node]} taken")
+        on_disk = sum(-(-info.st_size // PAGE) for info in files.values())
+        if sum(taken.values()) > on_disk:
+            raise Violation(f"the counters count {sum(taken.values())} pages taken, the files on the mount "
+                            f"hold {on_disk}: pages lost")
+        if self.ledger_fault is None and sum(pinned.values()) == on_disk and \
+                any(taken[node] != pinned[node] for node in taken):
+            raise Violation(f"every file is pinned in the ledger, yet the counters count {taken} pages taken "
+                            f"per node, the ledger {dict(pinned)}")
 
     @property
     def nodes(self) -> int:
@@ -415,7 +413,7 @@ class World:
             raise Violation(f"after reconcile backing files remain: {files}")
         for node in range(self.nodes):
             total = int((self.rig.config.dmemfs.debugfs / f"node{node}" / "total_dpages").read_text())
-            if self.rig.free_pages(node) != total - max(0, self.unaccounted[node]):
+            if self.rig.free_pages(node) != total:
                 raise Violation(f"after reconcile node {node} has {self.rig.free_pages(node)} of {total} pages free")
 
 

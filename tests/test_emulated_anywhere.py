@@ -2,7 +2,8 @@
 
 With `[dmemfs] emulate = true` and no `[dmemfs] debugfs`, the counters live in `<state dir>/emulated-dmem`,
 sized from `[dmemfs.capacity]` (or 1 GiB per online node) in `[dmemfs] page_size` pages (or 2 MiB), and
-follow a change of capacity without giving back pages that are pinned.  A guest goes through the hook on it.
+follow a change of capacity without giving back pages that are pinned, until their file is gone.  A guest
+goes through the hook on it.
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ def test_a_capacity_change_keeps_pinned_pages_taken(tmp_path: Path) -> None:
     made = make_host(tmp_path / "host", nodes=1, emulate=True)
     assert made.source is not None
     config = without_debugfs(made.source, '\n[dmemfs.capacity]\n0 = "64M"\n')
-    HookContext.create(config).backend.allocated("web01", 0, 16 * MiB)
+    pinned = tmp_path / "guest-ram"
+    pinned.touch()  # the pages are counted against the file, whatever it holds
+    HookContext.create(config).backend.allocated("web01", pinned, 0, 16 * MiB)
     assert pools(config) == {0: (64 * MiB, 48 * MiB)}
     made.source.write_text(made.source.read_text().replace('0 = "64M"', '0 = "128M"'))
     assert pools(config_mod.load(made.source)) == {0: (128 * MiB, 112 * MiB)}
     made.source.write_text(made.source.read_text().replace('0 = "128M"', '0 = "8M"'))
     assert pools(config_mod.load(made.source)) == {0: (8 * MiB, 0)}
+    pinned.unlink()
+    assert pools(config_mod.load(made.source)) == {0: (8 * MiB, 8 * MiB)}
 
 
 def test_a_named_debugfs_directory_is_used_as_it_is(tmp_path: Path) -> None:

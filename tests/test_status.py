@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakehost import PROC, QEMU_CONF, RUN_DIR, free_pages, make_host, set_free
+from fakehost import PROC, QEMU_CONF, RUN_DIR, free_pages, make_host
 
 from dmem_libvirt import cli, define, install, status
 from dmem_libvirt.config import Config
@@ -129,7 +129,7 @@ def dead_pinned_guest(tmp_path: Path, pid: int | None = None) -> tuple[Config, P
     ram = directory / "pc.ram"
     ram.write_bytes(b"\0" * 4096)
     os.utime(directory, (time.time() - HOUR, time.time() - HOUR))
-    set_free(config, 0, free_pages(config, 0) - 512)  # what pinning 1 GiB took from node 0
+    HookContext.create(config).backend.allocated("gone", ram, 0, GiB)  # what pinning 1 GiB took from node 0
     book(config, reservation("gone", UUID_A, 0, GiB, state="pinned", created=time.time() - HOUR, path=ram,
                             pid=pid))
     return config, ram

@@ -114,11 +114,11 @@ class Backend(Protocol):
     def fill(self) -> Callable[[int, int], None] | None:
         """What freshly allocated pages hold before the hook zeroes them (None: whatever the kernel left)."""
 
-    def allocated(self, domain: str, node: int, size: int) -> None:
-        """The hook is about to fault ``size`` bytes on ``node``; raises PinError if the pool cannot."""
+    def allocated(self, domain: str, path: Path, node: int, size: int) -> None:
+        """The hook pinned ``path``, ``size`` bytes on ``node``; raises PinError if the pool cannot hold it."""
 
-    def released(self, node: int, size: int) -> None:
-        """``size`` bytes on ``node`` were given back (their file is gone)."""
+    def released(self, path: Path) -> None:
+        """The hook removed ``path``: its pages are back."""
 
     def check(self, ctx: HookContext) -> list[Finding]:
         """Every condition this backend needs on the host, each with its fix."""

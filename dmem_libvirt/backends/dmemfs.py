@@ -19,6 +19,8 @@ from ..units import GiB, KiB, MiB, format_page_size
 from . import Finding, Pool, Savings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..config import Config
     from ..domain import DomainMemory
     from ..host import Host
@@ -195,10 +197,10 @@ class DmemfsBackend:
     def fill(self) -> Callable[[int, int], None] | None:
         return None
 
-    def allocated(self, domain: str, node: int, size: int) -> None:
+    def allocated(self, domain: str, path: Path, node: int, size: int) -> None:
         return None
 
-    def released(self, node: int, size: int) -> None:
+    def released(self, path: Path) -> None:
         return None
 
     # ---- operating views ----------------------------------------------------------------------------

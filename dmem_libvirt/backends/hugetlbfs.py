@@ -368,10 +368,10 @@ class HugetlbfsBackend:
     def fill(self) -> Callable[[int, int], None] | None:
         return None
 
-    def allocated(self, domain: str, node: int, size: int) -> None:
+    def allocated(self, domain: str, path: Path, node: int, size: int) -> None:
         return None
 
-    def released(self, node: int, size: int) -> None:
+    def released(self, path: Path) -> None:
         return None
 
     # ---- operating views ------------------------------------------------------------------------------
