@@ -49,13 +49,13 @@ def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, 
 
 def render(status: dict[str, Any]) -> str:
     """The text exposition of a `status.collect` result."""
-    page_size = status["page_size"]
     lines = list(_family("info", "gauge", "The backend and program version; always 1.", [
         ({"backend": status["backend"], "emulated": str(status["emulated"]).lower(), "mount": status["mount"],
           "version": __version__}, 1)]))
     for field, help_text in POOL_GAUGES:
         lines += _family(f"pool_{field}_bytes", "gauge", help_text,
-                         [({"node": pool["node"], "page_size": page_size}, pool[field]) for pool in status["pools"]])
+                         [({"node": pool["node"], "page_size": pool["page_size"]}, pool[field])
+                          for pool in status["pools"]])
     lines += _family("domain_reserved_bytes", "gauge",
                      "Bytes of reserved memory a domain holds (reserved or pinned), all host nodes together.",
                      [({"domain": dom["name"], "uuid": dom["uuid"]}, dom["bytes"]) for dom in status["domains"]])

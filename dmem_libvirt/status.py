@@ -23,12 +23,18 @@ from .units import format_page_size, format_size
 
 def collect(ctx: HookContext) -> dict[str, Any]:
     """The machine-readable status (`status --json`)."""
-    pools = ctx.backend.pools()
+    default = ctx.backend.page_size()
     # A read-only view answers over a damaged ledger (the next hook call or reconcile repairs it).
     reservations, damage = ctx.ledger.snapshot()
-    held: dict[int, dict[str, int]] = defaultdict(lambda: {"reserved": 0, "pinned": 0})
+    held: dict[tuple[int, int], dict[str, int]] = defaultdict(lambda: {"reserved": 0, "pinned": 0})
     for entry in reservations:
-        held[entry.node][entry.state] += entry.bytes
+        held[entry.page_size, entry.node][entry.state] += entry.bytes
+    # The default page size's pools always; another size's when it has pages or a guest holds some.
+    pools = {(default, node): pool for node, pool in ctx.backend.pools().items()}
+    for size in ctx.backend.page_sizes():
+        if size != default:
+            pools.update({(size, node): pool for node, pool in ctx.backend.pools(size).items()
+                          if pool.total or (size, node) in held})
     domains: dict[str, dict[str, Any]] = {}
     nova = running_instances(ctx.run_dir) if reservations else {}
     for entry in reservations:
@@ -48,11 +54,11 @@ def collect(ctx: HookContext) -> dict[str, Any]:
         "label": ctx.backend.label,
         "emulated": ctx.config.backend_name == "emulated",
         "mount": str(ctx.backend.mount),
-        "page_size": ctx.backend.page_size(),
+        "page_size": default,
         "pools": [
-            {"node": node, "total": pool.total, "free": pool.free,
-             "reserved": held[node]["reserved"], "pinned": held[node]["pinned"]}
-            for node, pool in sorted(pools.items())
+            {"node": node, "page_size": size, "total": pool.total, "free": pool.free,
+             "reserved": held[size, node]["reserved"], "pinned": held[size, node]["pinned"]}
+            for (size, node), pool in sorted(pools.items(), key=lambda item: (item[0][0] != default, item[0]))
         ],
         "reservations": [
             {"domain": e.domain, "uuid": e.uuid, "node": e.node, "bytes": e.bytes, "state": e.state,
@@ -84,9 +90,16 @@ def render(status: dict[str, Any]) -> str:
     """The table `status` prints."""
     page = format_page_size(status["page_size"])
     lines = [f"{status['label']} on {status['mount']}, {page} pages", ""]
-    lines.append(f"{'NODE':>4}  {'TOTAL':>11}  {'FREE':>11}  {'RESERVED':>11}  {'PINNED':>11}")
+    # A page column only when pools of more than one page size are shown.
+    several = len({pool["page_size"] for pool in status["pools"]}) > 1
+
+    def page_column(text: str) -> str:
+        return f"{text:<6} " if several else ""
+
+    lines.append(f"{'NODE':>4}  {page_column('PAGE')}{'TOTAL':>11}  {'FREE':>11}  {'RESERVED':>11}  {'PINNED':>11}")
     for pool in status["pools"]:
-        lines.append(f"{pool['node']:>4}  {format_size(pool['total']):>11}  {format_size(pool['free']):>11}  "
+        lines.append(f"{pool['node']:>4}  {page_column(format_page_size(pool['page_size']))}"
+                     f"{format_size(pool['total']):>11}  {format_size(pool['free']):>11}  "
                      f"{format_size(pool['reserved']):>11}  {format_size(pool['pinned']):>11}")
     lines.append("")
     if status["domains"]:

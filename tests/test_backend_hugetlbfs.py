@@ -20,6 +20,7 @@ from dmem_libvirt.backends.hugetlbfs import hvo_saving
 from dmem_libvirt.config import Config
 from dmem_libvirt.domain import read_domain
 from dmem_libvirt.errors import HostError
+from dmem_libvirt.ledger import Reservation
 from dmem_libvirt.lifecycle import HookContext
 from dmem_libvirt.units import GiB, KiB, MiB
 
@@ -91,6 +92,23 @@ def test_pools_are_per_node_counts_of_the_mounts_page_size(tmp_path: Path) -> No
     assert {n: (p.total, p.free) for n, p in backend.pools().items()} == {0: (20 * MiB, 8 * MiB), 1: (0, 0)}
     assert {n: (p.total, p.free) for n, p in backend.pools(GiB).items()} == {0: (0, 0), 1: (2 * GiB, 2 * GiB)}
     assert backend.mount == tmp_path / "hugepages-2M"
+
+
+def test_status_shows_every_page_size_that_has_pages_each_with_what_guests_hold_of_it(tmp_path: Path) -> None:
+    config = make_huge_host(tmp_path, 2, pools={(0, PAGE): (10, 4), (1, GiB): (2, 1)})
+    ctx = context(config)
+    with ctx.ledger.transaction() as book:
+        book.add(Reservation(domain="big", uuid="u-big", node=1, bytes=GiB, page_size=GiB, backend="hugetlbfs",
+                             file="ram-node1", state="pinned", origin="prepare", created=0.0))
+    data = status.collect(ctx)
+    assert [(p["node"], p["page_size"], p["total"], p["free"], p["pinned"]) for p in data["pools"]] == [
+        (0, PAGE, 20 * MiB, 8 * MiB, 0), (1, PAGE, 0, 0, 0), (1, GiB, 2 * GiB, GiB, GiB)]
+    table = status.render(data).splitlines()
+    assert table[2:6] == [
+        "NODE  PAGE         TOTAL         FREE     RESERVED       PINNED",
+        "   0  2 MiB     20.0 MiB      8.0 MiB          0 B          0 B",
+        "   1  2 MiB          0 B          0 B          0 B          0 B",
+        "   1  1 GiB      2.0 GiB      1.0 GiB          0 B      1.0 GiB"]
 
 
 def test_without_hugetlbfs_mount_libvirt_uses_the_page_size_is_one_line_with_the_fix(tmp_path: Path) -> None:
