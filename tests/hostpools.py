@@ -26,9 +26,23 @@ LOCK = Path("/run/lock/dmem-libvirt-hugepages.lock")
 LOCK_WAIT = 900.0
 
 
+_held = 0  # how deep this process already holds the lock (a module-wide fixture, then a test's own)
+
+
 @contextlib.contextmanager
 def exclusive(wait: float = LOCK_WAIT) -> Iterator[None]:
-    """Hold the machine-wide lock of the hugepage pools (waiting up to ``wait`` seconds for it)."""
+    """Hold the machine-wide lock of the hugepage pools (waiting up to ``wait`` seconds for it).
+
+    Reentrant within a process: a second flock on another descriptor of the file would wait for ourselves.
+    """
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
     LOCK.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -41,7 +55,11 @@ def exclusive(wait: float = LOCK_WAIT) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"another test run or benchmark has held {LOCK} for {wait:.0f} s") from None
                 time.sleep(0.5)
-        yield
+        _held = 1
+        try:
+            yield
+        finally:
+            _held = 0
     finally:
         os.close(fd)
 

@@ -6,7 +6,7 @@ its <nova:instance> metadata), with <domain type> set to what the sandbox runs. 
 ``[adopt] file_backed = "admit"`` for these tests and its own setting back afterwards.  The hugepages
 guests run on the hugetlbfs backend through the hugetlbfs tests' fixtures (imported: `huge`, which restores
 the machine's real pools after each test, and the module-wide `host_pools`); live migration runs between
-the two sandbox hosts of the migration tests (`hosts`).
+the two sandbox hosts of the migration tests (`hosts`, and `huge_hosts` for hugepages guests).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .test_hook_e2e import (
 )
 from .test_hugetlbfs_e2e import Huge, host_pools, huge  # noqa: F401
 from .test_migration import assert_empty, hosts, wait_holding  # noqa: F401
+from .test_migration_hugetlbfs import huge_hosts  # noqa: F401
 from sandbox import Sandbox, with_domain_type
 
 NOVA_DATA = Path(__file__).resolve().parent.parent / "data" / "nova"
@@ -215,3 +216,24 @@ def test_nova_hugepages_guest_beyond_the_limit_is_refused_before_qemu_runs(huge:
         f"dmem-libvirt: {name}: guest cell 0 needs 128.0 MiB of 2 MiB huge pages on host node 0; ")
     assert HostPools.take() == before
     assert huge.status()["reservations"] == []
+
+
+def test_nova_hugepages_guest_live_migrates_as_nova_asks_onto_pages_the_destination_grew(
+        huge_hosts: tuple[Sandbox, Sandbox, int]) -> None:
+    source, destination, base = huge_hosts
+    for box in (source, destination):
+        box.use_config(box.hugetlbfs_config({0: base * PAGE + GiB}) + ADMIT_HUGEPAGES)
+    source.define(nova_domain(source, "instance-hugepages.xml"))
+    source.virsh("start", HUGE)
+    assert pool()[0] == base + 64
+    source.migrate(HUGE, destination, "--live", "--p2p", "--persistent", "--undefinesource")
+    assert domstate(destination, HUGE) == "running"
+    held = [(r["file"], r["state"], r["bytes"], r["page_size"], r["pid"]) for r in reservations_of(destination, HUGE)]
+    assert held == [("ram-node0", "pinned", 128 * MiB, PAGE, destination.qemu_pid(HUGE))]
+    assert HUGE not in source.virsh("list", "--all", "--name").stdout.split()
+    wait_holding(source, [])
+    # Both hosts share this kernel's pool: the source gave back its growth, the destination's holds the guest.
+    assert pool()[0] == base + 64
+    destination.virsh("destroy", HUGE)
+    wait_holding(destination, [])
+    assert pool()[0] == base
