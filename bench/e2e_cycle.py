@@ -10,8 +10,9 @@ release): a before/after comparison under the same load.  Variants run interleav
 (the groups that share a hook rotating which goes first), after one untimed warm-up cycle.
 
 Each cycle is broken down: `virsh start` and the hook calls inside it; `virsh destroy`, the moment QEMU
-exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call and
-`release end`.  The hook calls' times and libvirt's come from libvirtd's own debug log (ms resolution).
+exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call (also counted
+from QEMU's exit) and `release end`.  The hook calls' times and libvirt's come from libvirtd's own debug log
+(ms resolution).
 Every figure is the median over the cycles with its spread (min-max); the ratios are of medians.
 """
 
@@ -239,7 +240,7 @@ def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, 
     print(f"\nvirsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up; "
           f"loadavg before: {load[0]}, after: {load[1]}")
     print("ms, median [min-max] over the cycles; destroy's events are counted from the `virsh destroy` call")
-    columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook")
+    columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook", "exit->stopped")
     print(f"{'variant':<34} " + " ".join(f"{c:>17}" for c in columns) + "   start  cycle (ratio)")
     for row in rows:
         bare = row[-1]
@@ -251,7 +252,8 @@ def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, 
             cells = [spread([c.start for c in cs]), spread([c.destroy for c in cs]),
                      spread([c.total for c in cs]), spread([c.qemu_exit for c in cs]),
                      spread([c.libvirt_stop for c in cs if c.libvirt_stop is not None]),
-                     spread([c.stopped_hook for c in cs if c.stopped_hook is not None])]
+                     spread([c.stopped_hook for c in cs if c.stopped_hook is not None]),
+                     spread([c.stopped_hook - c.qemu_exit for c in cs if c.stopped_hook is not None])]
             ratios = ("baseline" if variant is bare
                       else f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}")
             print(f"{variant.label:<34} " + " ".join(cells) + f"   {ratios}")
