@@ -401,6 +401,7 @@ def test_the_hook_script_filters_with_the_package_s_own_limit_markers_and_operat
     assert int(sh["READ_LIMIT"]) == MAX_XML_BYTES + 1
     assert shlex.split(sh["OUR_NAMESPACE"]) == [XMLNS]
     assert shlex.split(sh["FILE_BACKED"]) == [namespace["FILE_BACKED"].decode()]  # type: ignore[attr-defined]
+    assert shlex.split(sh["MAY_REFUSE"])[0].split() == list(namespace["MAY_REFUSE"])  # type: ignore[call-overload]
 
 
 def test_orphans_freed_by_a_refused_prepare_stay_freed_in_the_ledger(rig: Rig) -> None:

@@ -207,6 +207,30 @@ def test_installed_hook_lets_a_guest_that_is_not_ours_pass_without_python(tmp_pa
     assert not Path(f"{recorder}.args").exists()
 
 
+def test_installed_hook_refuses_only_where_a_refusal_stops_a_start_when_it_cannot_read_the_xml(
+        tmp_path: Path) -> None:
+    hook, recorder = recording_hook(tmp_path)
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "head").write_text("#!/bin/sh\nexit 1\n")
+    (broken / "head").chmod(0o755)
+    env = {**LIBVIRT_ENV, "PATH": f"{broken}:{LIBVIRT_ENV['PATH']}"}
+    calls = {operation: subprocess.run([str(hook), "web01", operation, subop, "-"], input=OURS, capture_output=True,
+                                       env=env, cwd="/", timeout=60, check=False)
+             for operation, subop in [("prepare", "begin"), ("reconnect", "begin"), ("release", "end")]}
+    assert (calls["prepare"].returncode, calls["prepare"].stderr) == (
+        1, b"dmem-libvirt: web01: the hook cannot read the domain XML from its stdin (head -c failed)\n")
+    for operation in ("reconnect", "release"):
+        assert (calls[operation].returncode, calls[operation].stderr) == (0, b"")
+    assert not Path(f"{recorder}.args").exists()
+
+
+def test_hook_script_passes_a_shell_syntax_check_as_lintian_runs_it(tmp_path: Path) -> None:
+    hook, _ = recording_hook(tmp_path)
+    checked = subprocess.run(["sh", "-n", str(hook)], capture_output=True, text=True, timeout=60, check=False)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
 def test_installed_hook_finds_the_package_and_lxml_through_its_library_paths(host: Host) -> None:
     install.install_hook(host.hooks_dir)
     paths = installed_library_paths(host.hook)
