@@ -5,7 +5,7 @@ The same guest, enabled with `dmem-libvirt enable` (file-backed shared RAM, imme
 is cycled with the hook installed (admit, pin = allocate + zero, verify, release) and with the hook removed
 (libvirtd reloaded; QEMU then creates and preallocates the file itself): the second is the baseline, measured
 in the same run.  Likewise a guest without the project's metadata (anonymous RAM), with and without the hook.
-``--before TREE`` adds, for the dmem guests, the hook of another checkout of the project (say, the previous
+``--before TREE`` adds, for every guest, the hook of another checkout of the project (say, the previous
 release): a before/after comparison under the same load.  Variants run interleaved, one cycle of each in turn
 (the groups that share a hook rotating which goes first), after one untimed warm-up cycle.
 
@@ -82,7 +82,7 @@ class Variant:
 
 def variants(box: Sandbox, sizes: Iterable[int], before: Path | None) -> list[list[Variant]]:
     """Define and enable the guests.  Rows: per size the dmem guest with the hook (and the hook of
-    ``before``) and without; the plain guest with and without.  The last of each row is its baseline."""
+    ``before``) and without; the plain guest likewise.  The last of each row is its baseline."""
     rows = []
     for size in sizes:
         name = f"bench-dmem-{size // MiB}m"
@@ -95,8 +95,12 @@ def variants(box: Sandbox, sizes: Iterable[int], before: Path | None) -> list[li
                                unavailable=why))
         rows.append([*row, Variant(f"{format_size(size)} same XML, no hook", name, None, size, unavailable=why)])
     box.define(guest_xml("bench-plain", PLAIN_MEMORY, domain_type=box.domain_type))
-    rows.append([Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook", "bench-plain", REPO, PLAIN_MEMORY),
-                 Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", None, PLAIN_MEMORY)])
+    plain = [Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook", "bench-plain", REPO, PLAIN_MEMORY)]
+    if before is not None:
+        plain.append(Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook before", "bench-plain", before,
+                             PLAIN_MEMORY))
+    rows.append([*plain, Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", None,
+                                 PLAIN_MEMORY)])
     return rows
 
 

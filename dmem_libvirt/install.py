@@ -47,11 +47,8 @@ def hook_template() -> str:
 
 def render_hook(template: str, python: str, paths: list[str]) -> str:
     """The template with this installation's interpreter and library paths baked in."""
-    line = f"PYTHON={shlex.quote(python)}\n"
-    # The sh half is a Python string that ends at the first triple quote.
-    if "'''" in line:
-        raise DmemError(f"cannot install the hook for the interpreter {python!r}: its path holds three quotes")
-    text = template.replace(TEMPLATE_PYTHON, line, 1)
+    # shlex.quote never puts three quotes in a row: the sh half, a Python string, stays one.
+    text = template.replace(TEMPLATE_PYTHON, f"PYTHON={shlex.quote(python)}\n", 1)
     return text.replace("LIBRARY_PATHS: list[str] = []", f"LIBRARY_PATHS: list[str] = {paths!r}", 1)
 
 

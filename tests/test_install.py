@@ -231,6 +231,16 @@ def test_hook_script_passes_a_shell_syntax_check_as_lintian_runs_it(tmp_path: Pa
     assert (checked.returncode, checked.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("python", ["/opt/my venv/bin/python3", "/opt/it's/bin/python3", "/opt/'''/python3"])
+def test_any_interpreter_path_is_written_so_both_halves_of_the_script_still_parse(tmp_path: Path, python: str) -> None:
+    hook = tmp_path / "50-dmem-libvirt"
+    hook.write_text(install.render_hook(install.hook_template(), python, ["/opt/it's"]))
+    assert install.hook_interpreter(hook.read_text()) == python
+    checked = subprocess.run(["sh", "-n", str(hook)], capture_output=True, text=True, timeout=60, check=False)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    ast.parse(hook.read_text())
+
+
 def test_installed_hook_finds_the_package_and_lxml_through_its_library_paths(host: Host) -> None:
     install.install_hook(host.hooks_dir)
     paths = installed_library_paths(host.hook)
