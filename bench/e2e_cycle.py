@@ -5,13 +5,14 @@ The same guest, enabled with `dmem-libvirt enable` (file-backed shared RAM, imme
 is cycled with the hook installed (admit, pin = allocate + zero, verify, release) and with the hook removed
 (libvirtd reloaded; QEMU then creates and preallocates the file itself): the second is the baseline, measured
 in the same run.  Likewise a guest without the project's metadata (anonymous RAM), with and without the hook.
-``--before TREE`` adds, for the dmem guests, the hook of another checkout of the project (say, the previous
+``--before TREE`` adds, for every guest, the hook of another checkout of the project (say, the previous
 release): a before/after comparison under the same load.  Variants run interleaved, one cycle of each in turn
 (the groups that share a hook rotating which goes first), after one untimed warm-up cycle.
 
 Each cycle is broken down: `virsh start` and the hook calls inside it; `virsh destroy`, the moment QEMU
-exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call and
-`release end`.  The hook calls' times and libvirt's come from libvirtd's own debug log (ms resolution).
+exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call (also counted
+from QEMU's exit) and `release end`.  The hook calls' times and libvirt's come from libvirtd's own debug log
+(ms resolution).
 Every figure is the median over the cycles with its spread (min-max); the ratios are of medians.
 """
 
@@ -81,7 +82,7 @@ class Variant:
 
 def variants(box: Sandbox, sizes: Iterable[int], before: Path | None) -> list[list[Variant]]:
     """Define and enable the guests.  Rows: per size the dmem guest with the hook (and the hook of
-    ``before``) and without; the plain guest with and without.  The last of each row is its baseline."""
+    ``before``) and without; the plain guest likewise.  The last of each row is its baseline."""
     rows = []
     for size in sizes:
         name = f"bench-dmem-{size // MiB}m"
@@ -94,8 +95,12 @@ def variants(box: Sandbox, sizes: Iterable[int], before: Path | None) -> list[li
                                unavailable=why))
         rows.append([*row, Variant(f"{format_size(size)} same XML, no hook", name, None, size, unavailable=why)])
     box.define(guest_xml("bench-plain", PLAIN_MEMORY, domain_type=box.domain_type))
-    rows.append([Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook", "bench-plain", REPO, PLAIN_MEMORY),
-                 Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", None, PLAIN_MEMORY)])
+    plain = [Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook", "bench-plain", REPO, PLAIN_MEMORY)]
+    if before is not None:
+        plain.append(Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook before", "bench-plain", before,
+                             PLAIN_MEMORY))
+    rows.append([*plain, Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", None,
+                                 PLAIN_MEMORY)])
     return rows
 
 
@@ -239,7 +244,7 @@ def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, 
     print(f"\nvirsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up; "
           f"loadavg before: {load[0]}, after: {load[1]}")
     print("ms, median [min-max] over the cycles; destroy's events are counted from the `virsh destroy` call")
-    columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook")
+    columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook", "exit->stopped")
     print(f"{'variant':<34} " + " ".join(f"{c:>17}" for c in columns) + "   start  cycle (ratio)")
     for row in rows:
         bare = row[-1]
@@ -251,7 +256,8 @@ def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, 
             cells = [spread([c.start for c in cs]), spread([c.destroy for c in cs]),
                      spread([c.total for c in cs]), spread([c.qemu_exit for c in cs]),
                      spread([c.libvirt_stop for c in cs if c.libvirt_stop is not None]),
-                     spread([c.stopped_hook for c in cs if c.stopped_hook is not None])]
+                     spread([c.stopped_hook for c in cs if c.stopped_hook is not None]),
+                     spread([c.stopped_hook - c.qemu_exit for c in cs if c.stopped_hook is not None])]
             ratios = ("baseline" if variant is bare
                       else f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}")
             print(f"{variant.label:<34} " + " ".join(cells) + f"   {ratios}")

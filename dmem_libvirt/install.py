@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import signal
 import sys
 import sysconfig
@@ -23,6 +24,8 @@ from .errors import DmemError
 HOOK_NAME = "50-dmem-libvirt"
 OWNER_MARK = "from dmem_libvirt.hook import entry"
 RELOAD_STAMP = "hook-reloaded"
+# The interpreter line of the shipped template, which render_hook rewrites.
+TEMPLATE_PYTHON = "PYTHON=/usr/bin/python3\n"
 DAEMONS = ("libvirtd", "virtqemud")
 
 
@@ -44,11 +47,18 @@ def hook_template() -> str:
 
 def render_hook(template: str, python: str, paths: list[str]) -> str:
     """The template with this installation's interpreter and library paths baked in."""
-    lines = template.splitlines(keepends=True)
-    # Linux hands everything after the interpreter to it as one argument: the flags must be one word.
-    lines[0] = f"#!{python} -IS\n"
-    text = "".join(lines)
+    # shlex.quote never puts three quotes in a row: the sh half, a Python string, stays one.
+    text = template.replace(TEMPLATE_PYTHON, f"PYTHON={shlex.quote(python)}\n", 1)
     return text.replace("LIBRARY_PATHS: list[str] = []", f"LIBRARY_PATHS: list[str] = {paths!r}", 1)
+
+
+def hook_interpreter(text: str) -> str:
+    """The Python a hook script hands our guests to (its PYTHON line), "" when it names none."""
+    for line in text.splitlines():
+        if line.startswith("PYTHON="):
+            words = shlex.split(line[len("PYTHON="):])
+            return words[0] if len(words) == 1 else ""
+    return ""
 
 
 def library_paths() -> list[str]:

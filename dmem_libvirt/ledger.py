@@ -27,6 +27,7 @@ from . import log
 from .atomic import temp_prefix, write_atomically
 from .domain import backing_file_problem
 from .errors import LedgerError
+from .ledgerfile import FILE_NAME as _FILE_NAME
 from .lock import HostLock
 
 VERSION = 1
@@ -34,7 +35,6 @@ VERSION = 1
 STATES = frozenset({"reserved", "pinned"})
 ORIGINS = frozenset({"prepare", "start", "migrate", "restore", "reconnect", "rebuilt"})
 
-_FILE_NAME = "ledger.json"
 _LOCK_NAME = "lock"
 _ENVELOPE = ("version", "boot_id", "written", "reservations", "grown")
 
@@ -532,19 +532,3 @@ class Ledger:
             write_atomically(self.path, data)
         except OSError as err:
             raise LedgerError(f"cannot write ledger {self.path}: {err.strerror}") from None
-
-
-def may_hold(state_dir: Path, uuid: str) -> bool:
-    """Could the ledger under ``state_dir`` hold an entry of ``uuid``?  False means surely not.
-
-    A byte search without the lock or a parse, for the hook's release calls: libvirt runs two after every
-    stop, and the second finds nothing left to do.  Any doubt (an unreadable file) answers True.
-    """
-    try:
-        data = (Path(state_dir) / _FILE_NAME).read_bytes()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    # Entries store the uuid as a JSON string; a uuid needs no escaping.
-    return f'"{uuid}"'.encode() in data

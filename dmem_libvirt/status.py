@@ -197,8 +197,7 @@ def _check_hook(ctx: HookContext) -> list[Finding]:
     if not os.access(path, os.X_OK):
         return [Finding(False, f"hook {path} is not executable", f"chmod 755 {path}")]
     findings = [Finding(True, f"hook {path} installed")]
-    shebang = path.read_text().splitlines()[0]
-    interpreter = shebang[2:].split()[0] if shebang.startswith("#!") and shebang[2:].split() else ""
+    interpreter = install.hook_interpreter(path.read_text())
     if not os.access(interpreter, os.X_OK):
         findings.append(Finding(False, f"the hook's interpreter {interpreter or '(none)'} is not executable",
                                 fix))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +395,13 @@ def test_the_hook_script_filters_with_the_package_s_own_limit_markers_and_operat
     refusing = {operation for (operation, subop), handler in OPERATIONS.items()
                 if subop == "begin" and handler not in NEVER_FAIL}
     assert set(namespace["MAY_REFUSE"]) == refusing  # type: ignore[arg-type]
+    # The sh half that runs first filters with the same limit and markers.
+    sh = dict(line.split("=", 1) for line in text[: text.index("\n'''\n")].splitlines()
+              if line[:1].isupper() and "=" in line)
+    assert int(sh["READ_LIMIT"]) == MAX_XML_BYTES + 1
+    assert shlex.split(sh["OUR_NAMESPACE"]) == [XMLNS]
+    assert shlex.split(sh["FILE_BACKED"]) == [namespace["FILE_BACKED"].decode()]  # type: ignore[attr-defined]
+    assert shlex.split(sh["MAY_REFUSE"])[0].split() == list(namespace["MAY_REFUSE"])  # type: ignore[call-overload]
 
 
 def test_orphans_freed_by_a_refused_prepare_stay_freed_in_the_ledger(rig: Rig) -> None:

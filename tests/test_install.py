@@ -135,11 +135,12 @@ def test_installed_hook_is_executable_with_an_absolute_interpreter_and_one_flag_
     assert out.splitlines()[0] == f"installed {host.hook}"
     mode = host.hook.stat().st_mode
     assert stat.S_ISREG(mode) and mode & 0o111 == 0o111
-    first = host.hook.read_text().splitlines()[0]
-    # Linux passes everything after the interpreter as ONE argument: "-I -S" would arrive as "-I -S".
-    assert first == f"#!{sys.executable} -IS"
-    assert Path(first[2:].split()[0]).is_absolute()
-    assert len(first[2:].split()) == 2
+    text = host.hook.read_text()
+    assert text.splitlines()[0] == "#!/bin/sh"
+    # Our guests go on to this installation's own interpreter, named by its absolute path, isolated.
+    assert install.hook_interpreter(text) == sys.executable
+    assert Path(install.hook_interpreter(text)).is_absolute()
+    assert '"$PYTHON" -IS "$0" "$@"' in text
     assert os.listdir(host.hook.parent) == ["50-dmem-libvirt"]
     assert not [p for p in host.hooks_dir.iterdir() if p.name.endswith(".tmp")]
 
@@ -154,6 +155,90 @@ def test_installed_hook_runs_as_libvirt_runs_it_and_lets_a_plain_guest_through(
     result = subprocess.run([str(host.hook), "plain", *operation], input=PLAIN_GUEST, capture_output=True,
                             env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+OURS = PLAIN_GUEST.replace(b"</uuid>", b'</uuid>\n  <metadata><dmem:memory xmlns:dmem="'
+                          b'http://dmem-libvirt.org/xmlns/domain/1"/></metadata>')
+FILE_BACKED = PLAIN_GUEST.replace(b"</uuid>", b"</uuid>\n  <memoryBacking><source type='file'/></memoryBacking>")
+# Stands in for Python behind the hook's sh half: records its arguments and the stdin it was handed.
+RECORDER = "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$0.args\"\ncat > \"$0.stdin\"\nexit 7\n"
+
+
+def recording_hook(tmp_path: Path) -> tuple[Path, Path]:
+    """The hook script whose interpreter is RECORDER; (hook, recorder)."""
+    recorder = tmp_path / "python"
+    recorder.write_text(RECORDER)
+    recorder.chmod(0o755)
+    hook = tmp_path / "50-dmem-libvirt"
+    hook.write_text(install.render_hook(install.hook_template(), str(recorder), []))
+    hook.chmod(0o755)
+    return hook, recorder
+
+
+@pytest.mark.parametrize("xml", [OURS, FILE_BACKED, OURS + b"\n\n\n", OURS.rstrip(b"\n")],
+                         ids=["ours", "file-backed", "trailing-newlines", "no-newline"])
+def test_installed_hook_hands_our_guests_xml_to_python_byte_for_byte(tmp_path: Path, xml: bytes) -> None:
+    hook, recorder = recording_hook(tmp_path)
+    result = subprocess.run([str(hook), "web01", "prepare", "begin", "-"], input=xml, capture_output=True,
+                            env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    assert result.returncode == 7
+    assert Path(f"{recorder}.stdin").read_bytes() == xml
+    assert Path(f"{recorder}.args").read_text().splitlines() == ["-IS", str(hook), "web01", "prepare", "begin", "-"]
+
+
+def test_installed_hook_reads_no_more_than_the_package_s_limit(tmp_path: Path) -> None:
+    from dmem_libvirt.xmlsafe import MAX_XML_BYTES
+
+    hook, recorder = recording_hook(tmp_path)
+    huge = OURS + b" " * (MAX_XML_BYTES + 100 - len(OURS))
+    result = subprocess.run([str(hook), "web01", "prepare", "begin", "-"], input=huge, capture_output=True,
+                            env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    assert result.returncode == 7
+    # One byte past the limit, as the package's own reader takes it: enough to refuse the document.
+    assert Path(f"{recorder}.stdin").read_bytes() == huge[:MAX_XML_BYTES + 1]
+
+
+def test_installed_hook_lets_a_guest_that_is_not_ours_pass_without_python(tmp_path: Path) -> None:
+    hook, recorder = recording_hook(tmp_path)
+    for operation in (["prepare", "begin", "-"], ["release", "end", "shutdown"]):
+        result = subprocess.run([str(hook), "plain", *operation], input=PLAIN_GUEST, capture_output=True,
+                                env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert not Path(f"{recorder}.args").exists()
+
+
+def test_installed_hook_refuses_only_where_a_refusal_stops_a_start_when_it_cannot_read_the_xml(
+        tmp_path: Path) -> None:
+    hook, recorder = recording_hook(tmp_path)
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "head").write_text("#!/bin/sh\nexit 1\n")
+    (broken / "head").chmod(0o755)
+    env = {**LIBVIRT_ENV, "PATH": f"{broken}:{LIBVIRT_ENV['PATH']}"}
+    calls = {operation: subprocess.run([str(hook), "web01", operation, subop, "-"], input=OURS, capture_output=True,
+                                       env=env, cwd="/", timeout=60, check=False)
+             for operation, subop in [("prepare", "begin"), ("reconnect", "begin"), ("release", "end")]}
+    assert (calls["prepare"].returncode, calls["prepare"].stderr) == (
+        1, b"dmem-libvirt: web01: the hook cannot read the domain XML from its stdin (head -c failed)\n")
+    for operation in ("reconnect", "release"):
+        assert (calls[operation].returncode, calls[operation].stderr) == (0, b"")
+    assert not Path(f"{recorder}.args").exists()
+
+
+def test_hook_script_passes_a_shell_syntax_check_as_lintian_runs_it(tmp_path: Path) -> None:
+    hook, _ = recording_hook(tmp_path)
+    checked = subprocess.run(["sh", "-n", str(hook)], capture_output=True, text=True, timeout=60, check=False)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("python", ["/opt/my venv/bin/python3", "/opt/it's/bin/python3", "/opt/'''/python3"])
+def test_any_interpreter_path_is_written_so_both_halves_of_the_script_still_parse(tmp_path: Path, python: str) -> None:
+    hook = tmp_path / "50-dmem-libvirt"
+    hook.write_text(install.render_hook(install.hook_template(), python, ["/opt/it's"]))
+    assert install.hook_interpreter(hook.read_text()) == python
+    checked = subprocess.run(["sh", "-n", str(hook)], capture_output=True, text=True, timeout=60, check=False)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    ast.parse(hook.read_text())
 
 
 def test_installed_hook_finds_the_package_and_lxml_through_its_library_paths(host: Host) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from dmem_libvirt import log
 from dmem_libvirt.errors import LedgerError
-from dmem_libvirt.ledger import VERSION, Book, Ledger, LedgerCorrupt, Reservation, may_hold
+from dmem_libvirt.ledger import VERSION, Book, Ledger, LedgerCorrupt, Reservation
+from dmem_libvirt.ledgerfile import may_hold
 from dmem_libvirt.units import GiB, MiB
 
 BOOT = "0b7c2a4e-1111-4d2e-9c3a-000000000001"

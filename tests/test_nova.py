@@ -22,7 +22,7 @@ from test_backend_hugetlbfs import call as huge_call
 from test_backend_hugetlbfs import qemu as qemu_maps
 from test_backend_hugetlbfs import ram
 from test_hook import PAGE, REPO, Call, Rig, live, start_guest
-from test_lifecycle import summary, zero_filled
+from test_lifecycle import release_in_a_fresh_hook, summary, zero_filled
 
 from dmem_libvirt import config, status
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
@@ -196,6 +196,43 @@ def test_admitted_guest_is_pinned_zeroed_verified_and_given_back(admitting: Rig,
         (file, 0, "pinned", 4400, str(pinned))]
     assert rig.free_pages(0) == free - 128 * MiB // PAGE
     stop(rig, name, running, 4400)
+    assert rig.reservations() == []
+    assert rig.free_pages(0) == free
+
+
+def test_second_release_of_an_admitted_guest_finds_it_released_without_the_lifecycle(admitting: Rig) -> None:
+    rig = admitting
+    rig.config_path.write_text(rig.config_path.read_text() + '\n[adopt]\nfile_backed = "admit"\n')
+    free = rig.free_pages(0)
+    running, _ = start_guest(rig, NUMA, nova_xml(NUMA), 7, 4400)
+    rig.qemu_exits(4400)
+    rig.stopped(NUMA)
+    assert rig.call(NUMA, "stopped", "end", running) == Call(0, "", "")
+    assert rig.reservations() == [] and rig.free_pages(0) == free
+    ledger = rig.config.state.dir / "ledger.json"
+    after_stopped = ledger.stat().st_mtime_ns
+
+    code, imported = release_in_a_fresh_hook(rig, running)
+
+    assert code == 0
+    assert [m for m in imported if m in ("dmem_libvirt.lifecycle", "dmem_libvirt.ledger")] == []
+    assert ledger.stat().st_mtime_ns == after_stopped
+    assert rig.free_pages(0) == free
+
+
+@pytest.mark.parametrize("name", [FLAT, NUMA])
+def test_release_in_a_fresh_hook_gives_an_admitted_guest_s_pages_back(admitting: Rig, name: str) -> None:
+    rig = admitting
+    rig.config_path.write_text(rig.config_path.read_text() + '\n[adopt]\nfile_backed = "admit"\n')
+    set_pool(rig, 1, 0)
+    free = rig.free_pages(0)
+    running, _ = start_guest(rig, name, nova_xml(name), 7, 4400)
+    rig.qemu_exits(4400)
+    rig.stopped(name)
+
+    code, _ = release_in_a_fresh_hook(rig, running)
+
+    assert code == 0
     assert rig.reservations() == []
     assert rig.free_pages(0) == free
 

@@ -313,8 +313,8 @@ def test_check_flags_a_daemon_that_is_not_running(tmpfs_root: Path) -> None:
 def test_check_flags_a_hook_whose_interpreter_is_gone(tmpfs_root: Path) -> None:
     config = healthy(tmpfs_root)
     hook = install.hook_path(config.libvirt.hooks_dir)
-    lines = hook.read_text().splitlines(keepends=True)
-    hook.write_text("".join(["#!/opt/removed-venv/bin/python3 -IS\n", *lines[1:]]))
+    hook.write_text(install.render_hook(install.hook_template(), "/opt/removed-venv/bin/python3",
+                                        install.library_paths()))
     os.utime(hook, (time.time() - HOUR, time.time() - HOUR))
     code, out = findings(config)
     assert code == 1
