@@ -53,7 +53,8 @@ class EmulatedDmemfsBackend(DmemfsBackend):
     fs_name = "tmpfs (emulated dmemfs)"
 
     def mount_command(self) -> str:
-        return f"mkdir -p {self.mount} && mount -t tmpfs none {self.mount}"
+        # huge=always: 2 MiB pages under the files where the kernel has them, as dmemfs would.
+        return f"mkdir -p {self.mount} && mount -t tmpfs -o huge=always none {self.mount}"
 
     def __init__(self, config: Config, host: Host) -> None:
         super().__init__(config, host)
