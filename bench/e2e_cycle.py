@@ -283,6 +283,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="256M,2G", help="dmem guest sizes (256M,2G)")
     parser.add_argument("--root", type=Path, default=Path("/run/dmem-sandbox-bench"))
     parser.add_argument("--before", type=Path, help="another checkout whose hook is measured alongside")
+    parser.add_argument("--hook-server", action="store_true",
+                        help="run `dmem-libvirt hook-server` in the sandbox: this checkout's hook calls go to it "
+                             "(another checkout's, --before, run in their own process)")
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
 
@@ -292,6 +295,9 @@ def main() -> int:
     before = loadavg()
     try:
         log_hook_commands(box)
+        if args.hook_server:
+            box.start_hook_server()
+            print("hook server: running in the sandbox, serving this checkout's hook calls")
         rows = variants(box, sizes, args.before.resolve() if args.before else None)
         measure(box, [v for row in rows for v in row], args.cycles)
     finally:

@@ -90,6 +90,8 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "check": ("verify the installation; print each finding with its fix", "dmem-libvirt check"),
     "nova-config": ("print the nova.conf lines and provider config YAML for this host's pools",
                     "dmem-libvirt nova-config --reserve 4G"),
+    "hook-server": ("run hook calls in children of one resident process (the hook falls back without it)",
+                    "dmem-libvirt hook-server   # or: systemctl enable --now dmem-libvirt-hook-server"),
 }
 
 
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--conf", action="store_true", help="print only the nova.conf lines")
     only.add_argument("--provider-yaml", action="store_true", help="print only the provider config YAML")
+    command("hook-server").add_argument(
+        "--socket", type=Path, metavar="PATH",
+        help="listen there instead of /run/dmem-libvirt/hook.sock, the only place the hook asks (for tests)")
     return parser
 
 
@@ -384,6 +389,13 @@ def cmd_nova_config(args: argparse.Namespace, config: config_mod.Config, conn: C
     return 0
 
 
+def cmd_hook_server(args: argparse.Namespace, config: config_mod.Config, conn: Connection | None,
+                    io: Streams) -> int:
+    from . import hookserver
+
+    return hookserver.serve(args.socket or hookserver.SOCKET)
+
+
 COMMANDS = {
     "rewrite": cmd_rewrite,
     "plan": cmd_plan,
@@ -396,4 +408,5 @@ COMMANDS = {
     "reconcile": cmd_reconcile,
     "check": cmd_check,
     "nova-config": cmd_nova_config,
+    "hook-server": cmd_hook_server,
 }

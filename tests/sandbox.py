@@ -41,8 +41,10 @@ from dmem_libvirt.units import GiB, KiB, MiB, format_page_size, format_size, par
 APT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients", "qemu-system-x86",
                 "libxml2-utils", "util-linux")
 # What libvirtd, virtlogd and dmem-libvirt read or write; each gets a private copy under the sandbox root.
+# /run/dmem-libvirt too: the hook asks the hook server there, and a server must serve its own sandbox only.
 PRIVATE_DIRS = tuple(map(Path, ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt",
-                                  "/var/cache/libvirt", "/etc/dmem-libvirt", "/var/lib/dmem-libvirt")))
+                                  "/var/cache/libvirt", "/etc/dmem-libvirt", "/var/lib/dmem-libvirt",
+                                  "/run/dmem-libvirt")))
 # Masked so libvirtd cannot reach the machine's systemd-machined or polkit over D-Bus.
 DBUS_DIR = Path("/run/dbus")
 KVM_DEVICE = Path("/dev/kvm")
@@ -286,6 +288,23 @@ class Sandbox:
             raise SandboxError(f"`{' '.join(map(str, argv))}` exited {result.returncode}: "
                                f"{result.stderr.strip() or result.stdout.strip()}")
         return result
+
+    def start_hook_server(self) -> subprocess.Popen[bytes]:
+        """`dmem-libvirt hook-server` in the namespace (stopped with the sandbox, as every process in it)."""
+        socket = self.private("/run/dmem-libvirt") / "hook.sock"
+        env = {key: value for key, value in os.environ.items() if key != "DMEM_LIBVIRT_CONFIG"}
+        server = subprocess.Popen(["nsenter", f"--target={self.holder}", "--mount", "--uts", "--",
+                                   str(dmem_command()), "hook-server"], env=env, cwd="/",
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not socket.is_socket():
+            if server.poll() is not None:
+                assert server.stderr is not None
+                raise SandboxError(f"the hook server exited {server.returncode}: {server.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise SandboxError(f"the hook server did not listen on {socket} within {START_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+        return server
 
     def virsh(self, *args: str, check: bool = True,
               input: str | None = None) -> subprocess.CompletedProcess[str]:

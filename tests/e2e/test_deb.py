@@ -26,10 +26,13 @@ PACKAGED_HOOK = Path("/usr/libexec/dmem-libvirt/50-dmem-libvirt")
 STATE = Path("/var/lib/dmem-libvirt")
 CONFIG = Path("/etc/dmem-libvirt/config.toml")
 COMMAND = "/usr/bin/dmem-libvirt"
+SERVER_UNIT = "dmem-libvirt-hook-server.service"
 # What the package puts on the machine itself (outside the sandbox's private directories).
 ON_THE_MACHINE = tuple(map(Path, (COMMAND, "/usr/bin/dmem-libvirt-hook", "/usr/lib/python3/dist-packages/dmem_libvirt",
                                    "/usr/libexec/dmem-libvirt", "/usr/share/man/man8/dmem-libvirt.8.gz",
-                                   "/usr/share/doc/dmem-libvirt")))
+                                   "/usr/share/doc/dmem-libvirt", f"/lib/systemd/system/{SERVER_UNIT}",
+                                   f"/usr/lib/systemd/system/{SERVER_UNIT}",
+                                   f"/etc/systemd/system/multi-user.target.wants/{SERVER_UNIT}")))
 GUEST = "guest-small"
 
 
@@ -90,6 +93,8 @@ def test_the_package_installs_runs_a_guest_through_its_hook_and_purges_cleanly(d
     fields = box.run(["dpkg-query", "-W", "-f=${Depends}\n${Conffiles}\n", "dmem-libvirt"]).stdout
     assert "python3-libvirt" in fields and "python3-lxml" in fields and str(CONFIG) in fields
     assert box.run(["man", "-w", "dmem-libvirt"]).stdout.strip() == "/usr/share/man/man8/dmem-libvirt.8.gz"
+    files = box.run(["dpkg", "-L", "dmem-libvirt"]).stdout.splitlines()
+    assert [path for path in files if path.endswith(f"/systemd/system/{SERVER_UNIT}")]
 
     # A guest through the packaged command and hook.
     box.define(with_domain_type((REPO / "examples" / f"{GUEST}.xml").read_text(), box.domain_type))

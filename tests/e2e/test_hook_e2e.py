@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
+from dmem_libvirt.install import HOOK_NAME
 from dmem_libvirt.units import MiB, format_size
 
 from .conftest import GuestFactory
@@ -310,3 +311,37 @@ def test_install_hook_on_a_running_daemon_takes_effect_at_the_next_start(
     hookless.virsh("start", name)
     assert hookless.libvirtd_pid() == daemon
     assert_pinned_and_mapped(hookless, name, 256 * MiB)
+
+
+# ---- 10. the hook server ------------------------------------------------------------------------------------
+
+def test_with_the_hook_server_a_guest_starts_pinned_and_scrubbed_and_gives_everything_back(
+        sandbox: Sandbox, enabled: Enable) -> None:
+    name = enabled("served")
+    hook = sandbox.private("/etc/libvirt") / "hooks" / "qemu.d" / HOOK_NAME
+    installed = hook.read_text()
+    paths = re.search(r"^LIBRARY_PATHS: list\[str\] = .*$", installed, re.M)
+    assert paths is not None
+    server = sandbox.start_hook_server()
+    try:
+        # The script can no longer import the package itself: what runs our guest's calls is the server.
+        hook.write_text(installed.replace(paths.group(0), "LIBRARY_PATHS: list[str] = ['/nonexistent']"))
+        sandbox.virsh("start", name)
+        assert_pinned_and_mapped(sandbox, name, 256 * MiB)
+        [path] = pinned_files(sandbox, name)
+        with sandbox.inside(path).open("rb") as ram:
+            while chunk := ram.read(16 * MiB):
+                assert DIRTY_PATTERN not in chunk, f"{path} holds the emulated previous tenant's data"
+        _destroy(sandbox, name)
+        wait_until(lambda: not status(sandbox)["reservations"], f"{name}'s reservation being released")
+        assert_all_memory_returned(sandbox)
+        assert server.poll() is None
+    finally:
+        hook.write_text(installed)
+        server.terminate()
+        server.wait(timeout=30)
+    # Without the server the script's own import is back, and so is every guest's start.
+    sandbox.virsh("start", name)
+    assert_pinned_and_mapped(sandbox, name, 256 * MiB)
+    _destroy(sandbox, name)
+    wait_until(lambda: not status(sandbox)["reservations"], f"{name}'s reservation being released")

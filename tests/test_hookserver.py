@@ -1,0 +1,172 @@
+"""The hook server: the installed script hands it our guests' calls, and runs them itself whenever it cannot.
+
+The script is rendered as `install-hook` writes it, asking a socket of the test's.  With no library paths it
+cannot import the package itself (run with -I -S): a call that succeeds went through the server.  Hook calls
+read /etc/dmem-libvirt/config.toml whoever runs them; here the server, and the copies of the package that
+stand for other installations, read the fake host's instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakehost import make_host
+from test_hook import enabled, guest_xml
+from test_install import LIBVIRT_ENV
+
+from dmem_libvirt import config as config_mod
+from dmem_libvirt import hookserver, install
+from dmem_libvirt.lifecycle import HookContext
+from dmem_libvirt.units import MiB
+
+SCRIPT_SOCKET = 'SERVER_SOCKET = "/run/dmem-libvirt/hook.sock"'
+
+
+SERVE = ("import sys; from pathlib import Path; from dmem_libvirt import cli, config; "
+         "config.DEFAULT_PATH = Path(sys.argv[1]); sys.exit(cli.main(sys.argv[2:]))")
+
+
+class Server:
+    """`dmem-libvirt hook-server` on a socket of the test's, for the fake host's config."""
+
+    def __init__(self, socket: Path, config: Path, package_parent: Path) -> None:
+        self.socket = socket
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVE, str(config), "hook-server", "--socket", str(socket)],
+            env={**LIBVIRT_ENV, "PYTHONPATH": str(package_parent)}, cwd="/")
+        deadline = time.monotonic() + 30
+        while not socket.is_socket():
+            assert self.process.poll() is None, "the hook server exited before it listened"
+            assert time.monotonic() < deadline, "the hook server did not listen within 30 s"
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> config_mod.Config:
+    config = make_host(tmp_path / "host", nodes=2, emulate=True)
+    assert config.source is not None
+    return config
+
+
+def installation(where: Path, config: config_mod.Config) -> list[str]:
+    """A copy of the package at ``where`` whose hook calls read the fake host's config; its library paths."""
+    shutil.copytree(Path(hookserver.__file__).parent, where / "dmem_libvirt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    module = where / "dmem_libvirt" / "config.py"
+    default = 'DEFAULT_PATH = Path("/etc/dmem-libvirt/config.toml")'
+    assert default in module.read_text()
+    module.write_text(module.read_text().replace(default, f'DEFAULT_PATH = Path("{config.source}")'))
+    return [str(where), str(Path(__import__("lxml").__file__).resolve().parent.parent)]
+
+
+def hook_script(tmp_path: Path, socket: Path, paths: list[str]) -> Path:
+    script = tmp_path / "50-dmem-libvirt"
+    text = install.render_hook(install.hook_template(), sys.executable, paths)
+    assert SCRIPT_SOCKET in text
+    script.write_text(text.replace(SCRIPT_SOCKET, f'SERVER_SOCKET = "{socket}"'))
+    script.chmod(0o755)
+    return script
+
+
+def prepare(script: Path, name: str) -> subprocess.CompletedProcess[bytes]:
+    xml = enabled(guest_xml(name, [16 * MiB]), [0])
+    return subprocess.run([str(script), name, "prepare", "begin", "-"], input=xml, capture_output=True,
+                          env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+
+
+def held(config: config_mod.Config) -> list[tuple[str, int]]:
+    return sorted((entry.domain, entry.bytes) for entry in HookContext.create(config).ledger.snapshot()[0])
+
+
+@pytest.fixture
+def server(tmp_path: Path, host: config_mod.Config) -> Iterator[Server]:
+    assert host.source is not None
+    running = Server(tmp_path / "run" / "hook.sock", host.source, Path(hookserver.__file__).parent.parent)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_our_guests_call_runs_in_the_server_and_the_hook_runs_it_itself_once_it_is_gone(
+        tmp_path: Path, host: config_mod.Config, server: Server) -> None:
+    script = hook_script(tmp_path, server.socket, [])
+    result = prepare(script, "web01")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert held(host) == [("web01", 16 * MiB)]
+    assert server.stop() == 0
+    assert not server.socket.exists()
+    # Without the server this script cannot import the package: what ran before was the server.
+    result = prepare(script, "db02")
+    assert result.returncode == 1
+    assert b"the dmem-libvirt package cannot be imported" in result.stderr
+
+
+def test_a_refusal_reaches_libvirt_as_one_line_on_the_hooks_own_stderr(
+        tmp_path: Path, host: config_mod.Config, server: Server) -> None:
+    script = hook_script(tmp_path, server.socket, [])
+    xml = enabled(guest_xml("big", [16 * MiB]), [0]).replace(b"16777216", b"17179869184")
+    result = subprocess.run([str(script), "big", "prepare", "begin", "-"], input=xml, capture_output=True,
+                            env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().count("\n") == 1
+    assert result.stderr.startswith(b"dmem-libvirt: big: ")
+    assert held(host) == []
+
+
+def test_a_script_of_another_installation_runs_its_call_itself(tmp_path: Path, host: config_mod.Config,
+                                                                server: Server) -> None:
+    script = hook_script(tmp_path, server.socket, installation(tmp_path / "other", host))
+    result = prepare(script, "web01")
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert held(host) == [("web01", 16 * MiB)]
+    assert server.process.poll() is None  # another installation's call is no reason to stop
+
+
+def test_after_an_upgrade_the_server_lets_the_hook_run_the_new_code_and_exits(
+        tmp_path: Path, host: config_mod.Config) -> None:
+    assert host.source is not None
+    paths = installation(tmp_path / "site", host)
+    server = Server(tmp_path / "hook.sock", host.source, Path(paths[0]))
+    try:
+        script = hook_script(tmp_path, server.socket, paths)
+        upgraded = Path(paths[0]) / "dmem_libvirt" / "units.py"
+        upgraded.write_text(upgraded.read_text() + "\n# upgraded\n")
+        result = prepare(script, "web01")
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert held(host) == [("web01", 16 * MiB)]
+        assert server.process.wait(timeout=30) == 0
+        assert not server.socket.exists()
+    finally:
+        server.stop()
+
+
+def test_a_second_server_on_the_same_socket_is_refused_in_one_line(host: config_mod.Config, server: Server) -> None:
+    command = [sys.executable, "-c", SERVE, str(host.source), "hook-server", "--socket", str(server.socket)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stderr) == (
+        1, f"dmem-libvirt: a hook server already listens on {server.socket}\n")
+
+
+def test_the_scripts_socket_and_header_are_the_servers() -> None:
+    text = install.hook_template()
+    assert f'SERVER_SOCKET = "{hookserver.SOCKET}"' in text
+    assert f'SERVER_HEADER = b"{hookserver.HEADER.decode()}"' in text
+
+
+def test_a_listener_is_for_root_alone(tmp_path: Path, server: Server) -> None:
+    assert oct(server.socket.stat().st_mode & 0o777) == oct(0o600)
+    assert os.stat(server.socket.parent).st_mode & 0o077 == 0
