@@ -170,3 +170,60 @@ def test_the_scripts_socket_and_header_are_the_servers() -> None:
 def test_a_listener_is_for_root_alone(tmp_path: Path, server: Server) -> None:
     assert oct(server.socket.stat().st_mode & 0o777) == oct(0o600)
     assert os.stat(server.socket.parent).st_mode & 0o077 == 0
+
+
+class FakeServer:
+    """A listener on the script's socket that answers every call with ``reply`` and closes."""
+
+    def __init__(self, socket_path: Path, reply: bytes) -> None:
+        import socket as socket_module
+        import threading
+
+        self.listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+        self.listener.bind(str(socket_path))
+        self.listener.listen(1)
+        self.reply = reply
+        self.thread = threading.Thread(target=self._answer, daemon=True)
+        self.thread.start()
+
+    def _answer(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while conn.recv(1 << 16):
+                pass
+            conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.thread.join(timeout=30)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("operation, subop, code, line", [
+    ("prepare", "begin", 1, b"dmem-libvirt: web01: the hook server's worker ended without an answer; "
+                            b"see the system log\n"),
+    ("release", "end", 0, b""),
+], ids=["a-start-is-refused", "a-release-never-fails"])
+def test_a_worker_that_ended_in_the_call_counts_as_a_killed_hook_never_as_a_call_to_run_again(
+        tmp_path: Path, operation: str, subop: str, code: int, line: bytes) -> None:
+    fake = FakeServer(tmp_path / "hook.sock", b"run\n")
+    try:
+        script = hook_script(tmp_path, tmp_path / "hook.sock", [])
+        result = subprocess.run([str(script), "web01", operation, subop, "-"],
+                                input=enabled(guest_xml("web01", [16 * MiB]), [0]), capture_output=True,
+                                env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    finally:
+        fake.close()
+    assert (result.returncode, result.stderr) == (code, line)
+
+
+@pytest.mark.parametrize("reply", [b"skip\n", b"", b"what?\n"], ids=["skip", "nothing", "garbage"])
+def test_a_server_that_did_not_begin_the_call_leaves_it_to_the_script(tmp_path: Path, reply: bytes) -> None:
+    fake = FakeServer(tmp_path / "hook.sock", reply)
+    try:
+        # No library paths: the script's own run ends in its one line about the import.
+        script = hook_script(tmp_path, tmp_path / "hook.sock", [])
+        result = prepare(script, "web01")
+    finally:
+        fake.close()
+    assert result.returncode == 1
+    assert b"the dmem-libvirt package cannot be imported" in result.stderr
