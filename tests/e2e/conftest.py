@@ -10,6 +10,7 @@ diskless guest XML with the sandbox's <domain type> (KVM or TCG); `enabled` defi
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +29,16 @@ INSTALL_HINT = (f"run `make bootstrap` as root, or: apt-get install {' '.join(AP
                 "&& .venv/bin/pip install -e '.[test]'")
 
 GuestFactory = Callable[..., str]
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `timeout` and CI runners stop a run with SIGTERM, which would skip every teardown and leave the
+    # sandboxes' libvirtd and QEMU running: taken as Ctrl-C, the fixtures still take them down.
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
