@@ -75,7 +75,7 @@ def serve(path: Path = SOCKET) -> int:
                 if stop:
                     break
                 raise
-            if os.fork() == 0:  # pragma: no cover - the worker, measured through the e2e tests
+            if os.fork() == 0:  # the worker
                 code = 1
                 try:
                     listener.close()
