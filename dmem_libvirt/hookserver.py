@@ -35,12 +35,22 @@ PRELOAD = ("dmem_libvirt.hook", "dmem_libvirt.lifecycle", "dmem_libvirt.config",
 MAX_REQUEST = 10 * 1024 * 1024 + 64 * 1024
 
 
-def fingerprint() -> tuple[tuple[str, int, int], ...]:
-    """What identifies the package's code on disk: every module's path, size and modification time."""
+def code_paths() -> list[Path]:
+    """The package's modules and its directories (whose times change when a module is added or replaced)."""
     root = Path(__file__).resolve().parent
+    directories = [root, *(path for path in root.rglob("*") if path.is_dir() and path.name != "__pycache__")]
+    return sorted([*directories, *root.rglob("*.py")])
+
+
+def fingerprint(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """What identifies the code on disk: each path's size and modification time (stat only, no listing)."""
     found = []
-    for path in sorted(root.rglob("*.py")):
-        info = path.stat()
+    for path in paths:
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            found.append((str(path), -1, -1))
+            continue
         found.append((str(path), info.st_size, info.st_mtime_ns))
     return tuple(found)
 
@@ -54,7 +64,8 @@ def serve(path: Path = SOCKET) -> int:
     for module in PRELOAD:
         importlib.import_module(module)
     listener = _listen(path)
-    loaded = fingerprint()
+    paths = code_paths()
+    loaded = fingerprint(paths)
     stop = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -79,7 +90,7 @@ def serve(path: Path = SOCKET) -> int:
                 code = 1
                 try:
                     listener.close()
-                    code = _work(conn, loaded)
+                    code = _work(conn, paths, loaded)
                 finally:
                     os._exit(code)
             conn.close()
@@ -125,7 +136,7 @@ def same_installation(executable: str, library_paths: list[str]) -> bool:
     return bool(executable) and Path(executable).resolve() == Path(sys.executable).resolve()
 
 
-def _work(conn: socket.socket, loaded: tuple[tuple[str, int, int], ...]) -> int:
+def _work(conn: socket.socket, paths: list[Path], loaded: tuple[tuple[str, int, int], ...]) -> int:
     """One call, in a forked child: check who asks and for which code, run it, say how it ended."""
     import io
     import struct
@@ -150,7 +161,7 @@ def _work(conn: socket.socket, loaded: tuple[tuple[str, int, int], ...]) -> int:
                 not same_installation(os.fsdecode(fields[1]), os.fsdecode(fields[2]).split(":")):
             conn.sendall(b"skip\n")
             return 0
-        if fingerprint() != loaded:
+        if fingerprint(paths) != loaded:
             conn.sendall(b"skip\n")
             # The package changed under us: the next call starts a server with the new code (systemd).
             os.kill(os.getppid(), signal.SIGTERM)
