@@ -48,8 +48,6 @@ PRIVATE_DIRS = tuple(map(Path, ("/etc/libvirt", "/run/libvirt", "/var/lib/libvir
 # Masked so libvirtd cannot reach the machine's systemd-machined or polkit over D-Bus.
 DBUS_DIR = Path("/run/dbus")
 KVM_DEVICE = Path("/dev/kvm")
-# tmpfs can put transparent huge pages under its files (CONFIG_TRANSPARENT_HUGEPAGE).
-SHMEM_THP = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 LIBVIRTD = Path("/usr/sbin/libvirtd")
 VIRTLOGD = Path("/usr/sbin/virtlogd")
 QEMU_USER = "libvirt-qemu"
@@ -451,11 +449,8 @@ class Sandbox:
         if DBUS_DIR.is_dir():
             self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dbus", DBUS_DIR])
         size = self.capacity * len(self.nodes()) + 64 * MiB
-        # Huge pages under the files where the kernel can (dmemfs has 2 MiB pages): QEMU's preallocation then
-        # touches 128 pages per 256 MiB, not 65,536.
-        huge = ",huge=always" if SHMEM_THP.exists() else ""
-        self.run(["mount", "-t", "tmpfs", "-o", f"size={size // KiB}k,mode=0755{huge}", "sandbox-dmem",
-                  self.dmem_mount])
+        # Small pages, as the emulated backend's mount command says (why: EmulatedDmemfsBackend.mount_command).
+        self.run(["mount", "-t", "tmpfs", "-o", f"size={size // KiB}k,mode=0755", "sandbox-dmem", self.dmem_mount])
         self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dev", self.root / "dev"])
         for size, mount in self.hugetlbfs_mounts.items():
             option = format_page_size(size).replace(" ", "").replace("iB", "")

@@ -53,8 +53,10 @@ class EmulatedDmemfsBackend(DmemfsBackend):
     fs_name = "tmpfs (emulated dmemfs)"
 
     def mount_command(self) -> str:
-        # huge=always: 2 MiB pages under the files where the kernel has them, as dmemfs would.
-        return f"mkdir -p {self.mount} && mount -t tmpfs -o huge=always none {self.mount}"
+        # Small pages, not huge=always: in a VM that hands freed memory back to its hypervisor (free page
+        # reporting), each 2 MiB page is faulted in again from the host, and pinning 256 MiB took 250-480 ms
+        # instead of 110-180 ms, varying from start to start (measured, bench/e2e_cycle.py).
+        return f"mkdir -p {self.mount} && mount -t tmpfs none {self.mount}"
 
     def __init__(self, config: Config, host: Host) -> None:
         super().__init__(config, host)
