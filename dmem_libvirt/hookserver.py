@@ -5,13 +5,15 @@ the package costs ~50 ms of CPU.  When SOCKET answers, the hook script hands its
 does not (no server, another installation's, one from before an upgrade), the script runs the call itself,
 so the server speeds the hook up and is never needed for it to work.
 
-Protocol (one connection per call, root only): the script sends HEADER, its interpreter, its LIBRARY_PATHS
-joined by ":", the argument count and the arguments, each ended by a NUL, then the domain XML up to EOF,
-with its stdout and stderr as SCM_RIGHTS descriptors.  The worker (a child forked per connection) answers
+Protocol (one connection per call, root only): the script's client (perl, which starts in a fifth of
+Python's time) sends HEADER, the script's interpreter, its LIBRARY_PATHS joined by ":", the argument count
+and the arguments, each ended by a NUL, then the domain XML up to EOF.  The worker (a child forked per
+connection) takes the client's own stdout and stderr (pidfd_getfd: the very descriptors libvirt reads), answers
 ``run`` before it starts the call, then ``exit N``; ``skip`` means "run it yourself": the script would
-import another installation of the package, or the package's files changed since the server started (an
-upgrade: the server then exits, and systemd starts it again on the new code).  Each call reads the config
-and the ledger as a call in its own process does; only the imports are done once.
+import another installation of the package, the package's files changed since the server started (an
+upgrade: the server then exits, and systemd starts it again on the new code), or the client's descriptors
+cannot be taken.  Each call reads the config and the ledger as a call in its own process does; only the
+imports are done once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from .errors import DmemError
 
 SOCKET = Path("/run/dmem-libvirt/hook.sock")
-HEADER = b"dmem-libvirt-hook/1"
+HEADER = b"dmem-libvirt-hook/2"
 # The modules a hook call of one of our guests imports, loaded once here.
 PRELOAD = ("dmem_libvirt.hook", "dmem_libvirt.lifecycle", "dmem_libvirt.config", "dmem_libvirt.ledger",
            "dmem_libvirt.domain", "dmem_libvirt.xmlsafe", "dmem_libvirt.adopt", "dmem_libvirt.pin",
@@ -92,6 +94,8 @@ def serve(path: Path = SOCKET) -> int:
                     listener.close()
                     code = _work(conn, paths, loaded)
                 finally:
+                    # Closed before the exit tears the address space down: the script waits for this EOF.
+                    conn.close()
                     os._exit(code)
             conn.close()
     finally:
@@ -146,16 +150,18 @@ def _work(conn: socket.socket, paths: list[Path], loaded: tuple[tuple[str, int, 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                       struct.calcsize("3i")))
     if uid != 0:
         return 1
-    data, fds, _, _ = socket.recv_fds(conn, 65536, 2)
+    data = b""
+    while len(data) < MAX_REQUEST:
+        more = conn.recv(1 << 20)
+        if not more:
+            break
+        data += more
+    fds = _peer_output(conn, pid)
     try:
-        while len(data) < MAX_REQUEST:
-            more = conn.recv(1 << 20)
-            if not more:
-                break
-            data += more
         fields = data.split(b"\0", 4)
         if len(fds) != 2 or len(fields) < 5 or fields[0] != HEADER or not fields[3].isdigit() or \
                 not same_installation(os.fsdecode(fields[1]), os.fsdecode(fields[2]).split(":")):
@@ -186,3 +192,34 @@ def _work(conn: socket.socket, paths: list[Path], loaded: tuple[tuple[str, int, 
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# Linux >= 6.5 (include/uapi/asm-generic/socket.h); the same number on every architecture but a few old ones.
+_SO_PEERPIDFD = 77
+# pidfd_getfd(2), Linux >= 5.6: 438 on every architecture (the unified syscall table).
+_SYS_PIDFD_GETFD = 438
+
+
+def _peer_output(conn: socket.socket, pid: int) -> list[int]:
+    """Duplicates of the connecting process's stdout and stderr; [] when they cannot be taken."""
+    import ctypes
+
+    try:
+        pidfd = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError:
+        # An older kernel: the client is blocked on this connection until it is answered, so ``pid`` is it.
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return []
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fds = [libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0) for target in (1, 2)]
+    finally:
+        os.close(pidfd)
+    if min(fds) < 0:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        return []
+    return fds

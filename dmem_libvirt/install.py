@@ -26,6 +26,7 @@ OWNER_MARK = "from dmem_libvirt.hook import entry"
 RELOAD_STAMP = "hook-reloaded"
 # The interpreter line of the shipped template, which render_hook rewrites.
 TEMPLATE_PYTHON = "PYTHON=/usr/bin/python3\n"
+TEMPLATE_PACKAGE_PATHS = "PACKAGE_PATHS=''\n"
 DAEMONS = ("libvirtd", "virtqemud")
 
 
@@ -49,6 +50,7 @@ def render_hook(template: str, python: str, paths: list[str]) -> str:
     """The template with this installation's interpreter and library paths baked in."""
     # shlex.quote never puts three quotes in a row: the sh half, a Python string, stays one.
     text = template.replace(TEMPLATE_PYTHON, f"PYTHON={shlex.quote(python)}\n", 1)
+    text = text.replace(TEMPLATE_PACKAGE_PATHS, f"PACKAGE_PATHS={shlex.quote(':'.join(paths))}\n", 1)
     return text.replace("LIBRARY_PATHS: list[str] = []", f"LIBRARY_PATHS: list[str] = {paths!r}", 1)
 
 

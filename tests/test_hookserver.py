@@ -27,7 +27,7 @@ from dmem_libvirt import hookserver, install
 from dmem_libvirt.lifecycle import HookContext
 from dmem_libvirt.units import MiB
 
-SCRIPT_SOCKET = 'SERVER_SOCKET = "/run/dmem-libvirt/hook.sock"'
+SCRIPT_SOCKET = "SERVER_SOCKET=/run/dmem-libvirt/hook.sock\n"
 
 
 SERVE = ("import sys; from pathlib import Path; from dmem_libvirt import cli, config; "
@@ -76,7 +76,7 @@ def hook_script(tmp_path: Path, socket: Path, paths: list[str]) -> Path:
     script = tmp_path / "50-dmem-libvirt"
     text = install.render_hook(install.hook_template(), sys.executable, paths)
     assert SCRIPT_SOCKET in text
-    script.write_text(text.replace(SCRIPT_SOCKET, f'SERVER_SOCKET = "{socket}"'))
+    script.write_text(text.replace(SCRIPT_SOCKET, f"SERVER_SOCKET={socket}\n"))
     script.chmod(0o755)
     return script
 
@@ -111,6 +111,20 @@ def test_our_guests_call_runs_in_the_server_and_the_hook_runs_it_itself_once_it_
     assert not server.socket.exists()
     # Without the server this script cannot import the package: what ran before was the server.
     result = prepare(script, "db02")
+    assert result.returncode == 1
+    assert b"the dmem-libvirt package cannot be imported" in result.stderr
+
+
+def test_without_perl_the_hook_runs_our_guests_call_itself(tmp_path: Path, server: Server) -> None:
+    # A PATH with head (the sh half reads the XML with it) but no perl: the server's client cannot start.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "head").symlink_to(shutil.which("head") or "/usr/bin/head")
+    script = hook_script(tmp_path, server.socket, [])
+    result = subprocess.run([str(script), "web01", "prepare", "begin", "-"],
+                            input=enabled(guest_xml("web01", [16 * MiB]), [0]), capture_output=True,
+                            env={**LIBVIRT_ENV, "PATH": str(bin_dir)}, cwd="/", timeout=60, check=False)
+    # This script cannot import the package itself: its one line proves the call was not the server's.
     assert result.returncode == 1
     assert b"the dmem-libvirt package cannot be imported" in result.stderr
 
@@ -163,8 +177,8 @@ def test_a_second_server_on_the_same_socket_is_refused_in_one_line(host: config_
 
 def test_the_scripts_socket_and_header_are_the_servers() -> None:
     text = install.hook_template()
-    assert f'SERVER_SOCKET = "{hookserver.SOCKET}"' in text
-    assert f'SERVER_HEADER = b"{hookserver.HEADER.decode()}"' in text
+    assert f"SERVER_SOCKET={hookserver.SOCKET}\n" in text
+    assert f"SERVER_HEADER={hookserver.HEADER.decode()}\n" in text
 
 
 def test_a_listener_is_for_root_alone(tmp_path: Path, server: Server) -> None:
