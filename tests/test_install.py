@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -234,8 +235,13 @@ def test_hook_script_passes_a_shell_syntax_check_as_lintian_runs_it(tmp_path: Pa
 @pytest.mark.parametrize("python", ["/opt/my venv/bin/python3", "/opt/it's/bin/python3", "/opt/'''/python3"])
 def test_any_interpreter_path_is_written_so_both_halves_of_the_script_still_parse(tmp_path: Path, python: str) -> None:
     hook = tmp_path / "50-dmem-libvirt"
-    hook.write_text(install.render_hook(install.hook_template(), python, ["/opt/it's"]))
+    paths = ["/opt/it's", str(Path(python).parent)]
+    hook.write_text(install.render_hook(install.hook_template(), python, paths))
     assert install.hook_interpreter(hook.read_text()) == python
+    # The sh half's copy of the library paths, sent to the hook server, is the Python half's.
+    assert installed_library_paths(hook) == paths
+    [package_paths] = [line for line in hook.read_text().splitlines() if line.startswith("PACKAGE_PATHS=")]
+    assert shlex.split(package_paths.removeprefix("PACKAGE_PATHS=")) == [":".join(paths)]
     checked = subprocess.run(["sh", "-n", str(hook)], capture_output=True, text=True, timeout=60, check=False)
     assert (checked.returncode, checked.stderr) == (0, "")
     ast.parse(hook.read_text())
