@@ -1,6 +1,6 @@
 """The hugetlbfs backend against libvirt alone, on this machine's real pools, in the private sandbox.
 
-Run as root: ``.venv/bin/python bench/hugetlbfs.py [--cycles 5] [--sizes 256M,2G]``.
+Run as root: ``.venv/bin/python bench/hugetlbfs.py [--cycles 5] [--sizes 256M,2G] [--hook-server]``.
 
 1. `virsh start` + `virsh destroy` of the same libvirt-native ``<hugepages>`` guest (as `dmem-libvirt enable`
    writes it), per size: with the hook on a pool pre-sized by hand (admission only), with the hook growing
@@ -169,6 +169,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="256M,2G")
     parser.add_argument("--parts", default="cycle,refusal,pool", help="which measurements (cycle,refusal,pool)")
     parser.add_argument("--root", type=Path, default=Path("/run/dmem-sandbox-hugebench"))
+    parser.add_argument("--hook-server", action="store_true",
+                        help="run `dmem-libvirt hook-server` in the sandbox: the hook calls go to it")
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     parts = set(args.parts.split(","))
@@ -190,6 +192,9 @@ def run(args: argparse.Namespace, sizes: list[int], parts: set[str]) -> int:
                 box.up()
                 box.use_config(box.hugetlbfs_config({0: base * PAGE + 2 * max(sizes)}))
                 accel = "KVM" if box.domain_type == "kvm" else "TCG"
+                if args.hook_server:
+                    box.start_hook_server()
+                    accel += ", hook calls via the hook server"
                 if "cycle" in parts:
                     table = lifecycle(box, sizes, args.cycles, base)
                 if "refusal" in parts:
