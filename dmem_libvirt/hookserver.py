@@ -35,11 +35,14 @@ PRELOAD = ("dmem_libvirt.hook", "dmem_libvirt.lifecycle", "dmem_libvirt.config",
            "dmem_libvirt.backends.dmemfs", "dmem_libvirt.backends.emulated", "dmem_libvirt.backends.hugetlbfs",
            "dmem_libvirt.domxml", "dmem_libvirt.procmaps", "dmem_libvirt.counters", "lxml.etree")
 MAX_REQUEST = 10 * 1024 * 1024 + 64 * 1024
+# Resolved once, not in every call: what same_installation compares a script's paths with.
+_PACKAGE = Path(__file__).resolve().parent
+_INTERPRETER = Path(sys.executable).resolve()
 
 
 def code_paths() -> list[Path]:
     """The package's modules and its directories (whose times change when a module is added or replaced)."""
-    root = Path(__file__).resolve().parent
+    root = _PACKAGE
     directories = [root, *(path for path in root.rglob("*") if path.is_dir() and path.name != "__pycache__")]
     return sorted([*directories, *root.rglob("*.py")])
 
@@ -133,11 +136,11 @@ def _listen(path: Path) -> socket.socket:
 
 def same_installation(executable: str, library_paths: list[str]) -> bool:
     """Would a hook script run by ``executable`` with ``library_paths`` first import this very package?"""
-    for directory in library_paths:
+    for directory in filter(None, library_paths):
         if (Path(directory) / "dmem_libvirt" / "__init__.py").is_file():
-            return Path(directory).resolve() == Path(__file__).resolve().parent.parent
+            return Path(directory).resolve() == _PACKAGE.parent
     # Found on the interpreter's own path: ours if it is our interpreter.
-    return bool(executable) and Path(executable).resolve() == Path(sys.executable).resolve()
+    return bool(executable) and Path(executable).resolve() == _INTERPRETER
 
 
 def _work(conn: socket.socket, paths: list[Path], loaded: tuple[tuple[str, int, int], ...]) -> int:
