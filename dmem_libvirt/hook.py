@@ -105,10 +105,8 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
     ours = XMLNS.encode() in xml
     config: Config | None = None
     if handler == "release" and ours:
-        from .config import load
-
         # Checked before parsing the XML and importing the lifecycle: libvirt releases twice per stop.
-        config = context.config if context is not None else load()
+        config = _config(context)
         if _released(xml, config):
             return 0
 
@@ -141,22 +139,18 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
         # that the configuration has the hugetlbfs backend admit.
         if not dom.hugepages:
             return 0
-        from .config import load
-
-        config = config or (context.config if context else load())
+        config = config or _config(context)
         if config.adopt.hugepages != "admit" or config.backend_name != "hugetlbfs":
             return 0
-    from .config import load
-
     if handler == "release" and not ours:
         # An adopted guest (file-backed or <hugepages> without our metadata, as Nova defines them) is
         # released twice per stop as well: the second call finds the ledger without it.
-        config = config or (context.config if context is not None else load())
+        config = config or _config(context)
         if _released(xml, config):
             return 0
     from . import lifecycle
 
-    ctx = context or lifecycle.HookContext.create(config or load())
+    ctx = context or lifecycle.HookContext.create(config or _config(None))
     if dom.metadata is None and handler in ("prepare", "start", "started", "reconnect"):
         from .adopt import for_operation
 
@@ -177,6 +171,15 @@ def _run(handler: str, name: str, xml: bytes, stdout: IO[str], context: HookCont
     elif handler == "reconnect":
         lifecycle.reconnect(ctx, name, dom, root.get("id"))
     return 0
+
+
+def _config(context: HookContext | None) -> Config:
+    """The context's config, else the one the hook reads (imported only when a call needs it)."""
+    if context is not None:
+        return context.config
+    from .config import load
+
+    return load()
 
 
 def _released(xml: bytes, config: Config) -> bool:
