@@ -22,7 +22,7 @@ from test_backend_hugetlbfs import call as huge_call
 from test_backend_hugetlbfs import qemu as qemu_maps
 from test_backend_hugetlbfs import ram
 from test_hook import PAGE, REPO, Call, Rig, live, start_guest
-from test_lifecycle import release_in_a_fresh_hook, summary, zero_filled
+from test_lifecycle import assert_a_fresh_hook_releases, release_in_a_fresh_hook, summary, zero_filled
 
 from dmem_libvirt import config, status
 from dmem_libvirt.backends.emulated import DIRTY_PATTERN
@@ -225,16 +225,7 @@ def test_release_in_a_fresh_hook_gives_an_admitted_guest_s_pages_back(admitting:
     rig = admitting
     rig.config_path.write_text(rig.config_path.read_text() + '\n[adopt]\nfile_backed = "admit"\n')
     set_pool(rig, 1, 0)
-    free = rig.free_pages(0)
-    running, _ = start_guest(rig, name, nova_xml(name), 7, 4400)
-    rig.qemu_exits(4400)
-    rig.stopped(name)
-
-    code, _ = release_in_a_fresh_hook(rig, running)
-
-    assert code == 0
-    assert rig.reservations() == []
-    assert rig.free_pages(0) == free
+    assert_a_fresh_hook_releases(rig, name, nova_xml(name), 7, 4400)
 
 
 def test_hard_reboot_undefine_define_start_keeps_one_reservation_and_leaks_nothing(admitting: Rig) -> None:
