@@ -449,8 +449,8 @@ class Sandbox:
         if DBUS_DIR.is_dir():
             self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dbus", DBUS_DIR])
         size = self.capacity * len(self.nodes()) + 64 * MiB
-        # Small pages, as the emulated backend's mount command says (why: EmulatedDmemfsBackend.mount_command).
-        self.run(["mount", "-t", "tmpfs", "-o", f"size={size // KiB}k,mode=0755", "sandbox-dmem", self.dmem_mount])
+        self.run(["mount", "-t", "tmpfs", "-o", f"size={size // KiB}k,mode=0755", "sandbox-dmem",
+                  self.dmem_mount])
         self.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "sandbox-dev", self.root / "dev"])
         for size, mount in self.hugetlbfs_mounts.items():
             option = format_page_size(size).replace(" ", "").replace("iB", "")
