@@ -208,6 +208,69 @@ def test_installed_hook_lets_a_guest_that_is_not_ours_pass_without_python(tmp_pa
     assert not Path(f"{recorder}.args").exists()
 
 
+@pytest.mark.parametrize("xml", [PLAIN_GUEST, PLAIN_GUEST.replace(b"  <vcpu>1</vcpu>\n", b"").rstrip(b"\n")],
+                         ids=["as-libvirt-writes-it", "no-vcpu-no-newline"])
+def test_installed_hook_lets_a_guest_that_is_not_ours_pass_without_starting_any_process(
+        tmp_path: Path, xml: bytes) -> None:
+    hook, recorder = recording_hook(tmp_path)
+    # Every program the script could start records that it ran.
+    spies = tmp_path / "bin"
+    spies.mkdir()
+    for program in ("head", "cat", "perl", "printf"):
+        (spies / program).write_text(f"#!/bin/sh\ntouch {spies}/{program}.ran\nexit 1\n")
+        (spies / program).chmod(0o755)
+    env = {**LIBVIRT_ENV, "PATH": f"{spies}:{LIBVIRT_ENV['PATH']}"}
+    result = subprocess.run([str(hook), "plain", "release", "end", "-"], input=xml, capture_output=True,
+                            env=env, cwd="/", timeout=60, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert sorted(p.name for p in spies.glob("*.ran")) == []
+    assert not Path(f"{recorder}.args").exists()
+
+
+def libvirt_formatted(xml: str) -> bytes:
+    """``xml`` as libvirt itself formats a domain for its hooks (the test driver shares the formatter)."""
+    try:
+        import libvirt
+    except ImportError:
+        pytest.fail("libvirt-python is missing: apt-get install libvirt-dev pkg-config gcc, "
+                    "then pip install libvirt-python")
+    conn = libvirt.open("test:///default")
+    try:
+        domain = conn.defineXML(xml)
+        try:
+            return domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
+        finally:
+            domain.undefine()
+    finally:
+        conn.close()
+
+
+# Elements in an order libvirt does not keep, text and a foreign element that look like <vcpu>.
+SCRAMBLED = """<domain type='test'>
+<vcpu>1</vcpu>
+<os><type>hvm</type></os>
+{backing}
+<memory unit='MiB'>256</memory>
+<name>scrambled</name>
+<description>line one
+  &lt;vcpu&gt; is only text here</description>
+<metadata><vcpu xmlns='urn:other'>3</vcpu>{ours}</metadata>
+</domain>"""
+
+
+@pytest.mark.parametrize("ours,backing", [
+    ('<dmem:memory xmlns:dmem="http://dmem-libvirt.org/xmlns/domain/1"/>', ""),
+    ("", "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"),
+], ids=["our-metadata", "file-backed"])
+def test_installed_hook_finds_our_markers_in_the_xml_libvirt_hands_it(tmp_path: Path, ours: str, backing: str) -> None:
+    xml = libvirt_formatted(SCRAMBLED.format(ours=ours, backing=backing))
+    hook, recorder = recording_hook(tmp_path)
+    result = subprocess.run([str(hook), "scrambled", "release", "end", "-"], input=xml, capture_output=True,
+                            env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    assert result.returncode == 7
+    assert Path(f"{recorder}.stdin").read_bytes() == xml
+
+
 def test_installed_hook_refuses_only_where_a_refusal_stops_a_start_when_it_cannot_read_the_xml(
         tmp_path: Path) -> None:
     hook, recorder = recording_hook(tmp_path)
