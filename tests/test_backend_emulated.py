@@ -48,8 +48,11 @@ def test_pages_come_back_when_the_file_is_gone_whoever_removed_it(host: Config) 
 
 def test_a_file_recreated_at_the_same_path_is_another_file(host: Config) -> None:
     path = pinned(host, "a.ram", 0, 16 * MiB)
-    path.unlink()
-    path.touch()
+    # The new file exists before the old one goes: it cannot be handed the old inode number again,
+    # which a disk filesystem may do after an unlink.
+    replacement = path.with_name("a.ram.new")
+    replacement.touch()
+    replacement.replace(path)
     assert read_pools(host)[0] == 4096
 
 
