@@ -4,16 +4,22 @@ Run as root: ``.venv/bin/python bench/e2e_cycle.py [--cycles 9] [--sizes 256M,2G
 The same guest, enabled with `dmem-libvirt enable` (file-backed shared RAM, immediate allocation, node-bound),
 is cycled with the hook installed (admit, pin = allocate + zero, verify, release) and with the hook removed
 (libvirtd reloaded; QEMU then creates and preallocates the file itself): the second is the baseline, measured
-in the same run.  Likewise a guest without the project's metadata (anonymous RAM), with and without the hook.
+in the same run.  Likewise a guest without the project's metadata (anonymous RAM), with and without the hook,
+and with an empty hook (``exit 0``): what libvirt itself spends on running any hook at all, the floor of the
+hook's cost for a guest that is not ours.
 ``--before TREE`` adds, for every guest, the hook of another checkout of the project (say, the previous
 release): a before/after comparison under the same load.  Variants run interleaved, one cycle of each in turn
-(the groups that share a hook rotating which goes first), after one untimed warm-up cycle.
+(the groups that share a hook rotating which goes first), after one untimed warm-up cycle.  ``--settle S``
+pauses S seconds before every timed cycle: on a virtual machine that hands freed memory back to its
+hypervisor (virtio-balloon free page reporting), a guest's RAM faults in slower the longer the memory lay
+free, so without a pause the order of the variants weighs on their times.
 
 Each cycle is broken down: `virsh start` and the hook calls inside it; `virsh destroy`, the moment QEMU
 exits (a pidfd), the moment libvirt notices (its `qemuProcessStop`), the `stopped end` call (also counted
 from QEMU's exit) and `release end`.  The hook calls' times and libvirt's come from libvirtd's own debug log
 (ms resolution).
-Every figure is the median over the cycles with its spread (min-max); the ratios are of medians.
+Every figure is the median over the cycles with its spread (min-max).  Ratios: of the medians, and the
+median of the per-round ratios (each cycle against the baseline's cycle of the same round).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ HOOK_STARTED = re.compile(STAMP + r"debug : virCommandRunAsync:\d+ : About to ru
 COMMAND_DONE = re.compile(STAMP + r"debug : virCommandRun:\d+ : Result ")
 PROCESS_STOP = re.compile(STAMP + r"debug : qemuProcessStop:\d+ : Shutting down vm=\S+ name=(\S+) ")
 HOOK_CALLS = ("prepare begin", "start begin", "started begin", "stopped end", "release end")
+EMPTY_HOOK = "#!/bin/sh\nexit 0\n"
+# What a variant runs as the hook: None, nothing; a Path, that checkout's hook; a str, that script.
+Hook = Path | str | None
 
 
 @dataclass
@@ -73,8 +82,7 @@ class Cycle:
 class Variant:
     label: str
     domain: str
-    # None: no hook installed; else the tree whose hook is installed
-    hook: Path | None
+    hook: Hook
     memory: int
     cycles: list[Cycle] = field(default_factory=list)
     unavailable: str | None = None
@@ -99,19 +107,27 @@ def variants(box: Sandbox, sizes: Iterable[int], before: Path | None) -> list[li
     if before is not None:
         plain.append(Variant(f"{format_size(PLAIN_MEMORY)} no metadata, hook before", "bench-plain", before,
                              PLAIN_MEMORY))
+    plain.append(Variant(f"{format_size(PLAIN_MEMORY)} no metadata, empty hook", "bench-plain", EMPTY_HOOK,
+                         PLAIN_MEMORY))
     rows.append([*plain, Variant(f"{format_size(PLAIN_MEMORY)} no metadata, no hook", "bench-plain", None,
                                  PLAIN_MEMORY)])
     return rows
 
 
-def install_hook(box: Sandbox, tree: Path | None) -> None:
-    """Install the hook of ``tree`` (None: remove it); either reloads libvirtd."""
-    if tree is None:
-        box.remove_hook()
+def install_hook(box: Sandbox, hook: Hook) -> None:
+    """Replace whatever hook is installed by ``hook``; libvirtd is reloaded."""
+    path = box.private(f"/etc/libvirt/hooks/qemu.d/{HOOK_NAME}")
+    path.unlink(missing_ok=True)
+    if isinstance(hook, Path):
+        # install-hook writes the library path of the package it runs from into the hook (and reloads).
+        box.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(hook)!r}); "
+                 "from dmem_libvirt.cli import main; sys.exit(main(['install-hook']))"])
         return
-    # install-hook writes the library path of the package it runs from into the hook.
-    box.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
-             "from dmem_libvirt.cli import main; sys.exit(main(['install-hook']))"])
+    if hook is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(hook)
+        path.chmod(0o755)
+    box.reload_libvirtd()
 
 
 def log_hook_commands(box: Sandbox) -> None:
@@ -161,10 +177,10 @@ def children_cpu(pid: int | None) -> float:
     return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(box: Sandbox, runs: list[Variant], cycles: int) -> None:
-    installed: Path | None = REPO
+def measure(box: Sandbox, runs: list[Variant], cycles: int, settle: float) -> None:
+    installed: Hook = REPO
     log = box.private(LIBVIRTD_LOG)
-    groups: list[Path | None] = list(dict.fromkeys(v.hook for v in runs))
+    groups: list[Hook] = list(dict.fromkeys(v.hook for v in runs))
     for index in range(cycles + 1):
         # Rotate which group goes first, so none always follows a reload.
         first = groups[index % len(groups):] + groups[:index % len(groups)]
@@ -175,6 +191,7 @@ def measure(box: Sandbox, runs: list[Variant], cycles: int) -> None:
                 # Not timed: installing or removing the hook SIGHUPs libvirtd.
                 install_hook(box, variant.hook)
                 installed = variant.hook
+            time.sleep(settle)
             offset = log.stat().st_size
             try:
                 timing, called = cycle(box, variant.domain)
@@ -240,12 +257,21 @@ def ratio(hooked: Variant, bare: Variant, pick: str) -> str:
     return f"{mine / base:.2f}x"
 
 
-def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, str]) -> None:
-    print(f"\nvirsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up; "
-          f"loadavg before: {load[0]}, after: {load[1]}")
+def paired_ratio(hooked: Variant, bare: Variant) -> str:
+    """Median of the cycle ratios round by round (a variant that failed a round has fewer cycles: none)."""
+    if not hooked.cycles or len(hooked.cycles) != len(bare.cycles):
+        return "-"
+    paired = [h.total / b.total for h, b in zip(hooked.cycles, bare.cycles, strict=True)]
+    return f"{statistics.median(paired):.2f}x"
+
+
+def report(rows: list[list[Variant]], cycles: int, settle: float, accel: str, load: tuple[str, str]) -> None:
+    print(f"\nvirsh start + virsh destroy, {accel}, {cycles} interleaved cycles after one warm-up, "
+          f"{settle:g} s pause before each; loadavg before: {load[0]}, after: {load[1]}")
     print("ms, median [min-max] over the cycles; destroy's events are counted from the `virsh destroy` call")
     columns = ("start", "destroy", "cycle", "QEMU exit", "libvirt stop", "stopped hook", "exit->stopped")
-    print(f"{'variant':<34} " + " ".join(f"{c:>17}" for c in columns) + "   start  cycle (ratio)")
+    print(f"{'variant':<34} " + " ".join(f"{c:>17}" for c in columns)
+          + "   start  cycle (ratio of medians)  cycle (median of per-round ratios)")
     for row in rows:
         bare = row[-1]
         for variant in row:
@@ -259,7 +285,8 @@ def report(rows: list[list[Variant]], cycles: int, accel: str, load: tuple[str, 
                      spread([c.stopped_hook for c in cs if c.stopped_hook is not None]),
                      spread([c.stopped_hook - c.qemu_exit for c in cs if c.stopped_hook is not None])]
             ratios = ("baseline" if variant is bare
-                      else f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}")
+                      else f"{ratio(variant, bare, 'start'):>7} {ratio(variant, bare, 'total'):>6}"
+                           f"{paired_ratio(variant, bare):>23}")
             print(f"{variant.label:<34} " + " ".join(cells) + f"   {ratios}")
     print("\nhook calls as libvirtd ran them (process start to exit), ms, median [min-max]; CPU: what everything")
     print("libvirtd ran in the cycle used (the hook processes; without the hook almost nothing), 10 ms resolution:")
@@ -283,6 +310,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="256M,2G", help="dmem guest sizes (256M,2G)")
     parser.add_argument("--root", type=Path, default=Path("/run/dmem-sandbox-bench"))
     parser.add_argument("--before", type=Path, help="another checkout whose hook is measured alongside")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds to pause before every timed cycle (see above: free page reporting)")
     parser.add_argument("--hook-server", action="store_true",
                         help="run `dmem-libvirt hook-server` in the sandbox: this checkout's hook calls go to it "
                              "(another checkout's, --before, run in their own process)")
@@ -299,10 +328,10 @@ def main() -> int:
             box.start_hook_server()
             print("hook server: running in the sandbox, serving this checkout's hook calls")
         rows = variants(box, sizes, args.before.resolve() if args.before else None)
-        measure(box, [v for row in rows for v in row], args.cycles)
+        measure(box, [v for row in rows for v in row], args.cycles, args.settle)
     finally:
         box.down()
-    report(rows, args.cycles, "KVM" if box.domain_type == "kvm" else "TCG", (before, loadavg()))
+    report(rows, args.cycles, args.settle, "KVM" if box.domain_type == "kvm" else "TCG", (before, loadavg()))
     return 0
 
 
