@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from fakehost import make_host
 from test_hook import enabled, guest_xml
-from test_install import LIBVIRT_ENV
+from test_install import LIBVIRT_ENV, OURS, RECORDER
 
 from dmem_libvirt import config as config_mod
 from dmem_libvirt import hookserver, install
@@ -72,9 +72,9 @@ def installation(where: Path, config: config_mod.Config) -> list[str]:
     return [str(where), str(Path(__import__("lxml").__file__).resolve().parent.parent)]
 
 
-def hook_script(tmp_path: Path, socket: Path, paths: list[str]) -> Path:
+def hook_script(tmp_path: Path, socket: Path, paths: list[str], python: str = sys.executable) -> Path:
     script = tmp_path / "50-dmem-libvirt"
-    text = install.render_hook(install.hook_template(), sys.executable, paths)
+    text = install.render_hook(install.hook_template(), python, paths)
     assert SCRIPT_SOCKET in text
     script.write_text(text.replace(SCRIPT_SOCKET, f"SERVER_SOCKET={socket}\n"))
     script.chmod(0o755)
@@ -213,7 +213,7 @@ class FakeServer:
 
 
 @pytest.mark.parametrize("operation, subop, code, line", [
-    ("prepare", "begin", 1, b"dmem-libvirt: web01: the hook server's worker ended without an answer; "
+    ("prepare", "begin", 1, b"dmem-libvirt: web01: the call ended without an answer (its process died); "
                             b"see the system log\n"),
     ("release", "end", 0, b""),
 ], ids=["a-start-is-refused", "a-release-never-fails"])
@@ -241,3 +241,56 @@ def test_a_server_that_did_not_begin_the_call_leaves_it_to_the_script(tmp_path: 
         fake.close()
     assert result.returncode == 1
     assert b"the dmem-libvirt package cannot be imported" in result.stderr
+
+
+def recording_script(tmp_path: Path, socket: Path) -> tuple[Path, Path]:
+    """The hook script asking ``socket``, whose interpreter records what it is handed; (script, recorder).
+
+    The recorder exits 2, a status of the Python half's own (the script takes others for a process that died).
+    """
+    recorder = tmp_path / "python"
+    assert "exit 7" in RECORDER
+    recorder.write_text(RECORDER.replace("exit 7", "exit 2"))
+    recorder.chmod(0o755)
+    return hook_script(tmp_path, socket, [], str(recorder)), recorder
+
+
+# Larger than a pipe's buffer: whoever hands the XML on must keep writing while the reader reads.
+LARGE = OURS.replace(b"</domain>", b"  <devices>\n" + b"    <!-- padding -->\n" * 8000 + b"  </devices>\n</domain>")
+
+
+@pytest.mark.parametrize("xml", [OURS, OURS.rstrip(b"\n"), OURS + b"\n\n", LARGE],
+                         ids=["ours", "no-newline", "trailing-newlines", "larger-than-a-pipe"])
+def test_a_call_the_server_did_not_begin_gets_the_whole_xml_and_the_arguments_unchanged(
+        tmp_path: Path, xml: bytes) -> None:
+    fake = FakeServer(tmp_path / "hook.sock", b"skip\n")
+    try:
+        script, recorder = recording_script(tmp_path, tmp_path / "hook.sock")
+        result = subprocess.run([str(script), "web01", "prepare", "begin", "-"], input=xml, capture_output=True,
+                                env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+    finally:
+        fake.close()
+    assert result.returncode == 2
+    assert Path(f"{recorder}.stdin").read_bytes() == xml
+    assert Path(f"{recorder}.args").read_text().splitlines() == ["-IS", str(script), "web01", "prepare", "begin", "-"]
+
+
+def test_an_xml_whose_head_is_too_long_for_an_argument_is_run_here_without_the_server(tmp_path: Path) -> None:
+    import socket as socket_module
+
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    listener.bind(str(tmp_path / "hook.sock"))
+    listener.listen(1)
+    listener.setblocking(False)
+    # 100 KiB of another application's metadata before ours: more than PREFIX_LIMIT in one argument.
+    xml = OURS.replace(b"<metadata>", b"<metadata>\n" + b"    <!-- another application's -->\n" * 3200)
+    try:
+        script, recorder = recording_script(tmp_path, tmp_path / "hook.sock")
+        result = subprocess.run([str(script), "web01", "prepare", "begin", "-"], input=xml, capture_output=True,
+                                env=LIBVIRT_ENV, cwd="/", timeout=60, check=False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert result.returncode == 2
+    assert Path(f"{recorder}.stdin").read_bytes() == xml
