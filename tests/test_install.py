@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testdriver import libvirt_formatted
 
 from dmem_libvirt import cli, install
 
@@ -225,24 +226,6 @@ def test_installed_hook_lets_a_guest_that_is_not_ours_pass_without_starting_any_
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
     assert sorted(p.name for p in spies.glob("*.ran")) == []
     assert not Path(f"{recorder}.args").exists()
-
-
-def libvirt_formatted(xml: str) -> bytes:
-    """``xml`` as libvirt itself formats a domain for its hooks (the test driver shares the formatter)."""
-    try:
-        import libvirt
-    except ImportError:
-        pytest.fail("libvirt-python is missing: apt-get install libvirt-dev pkg-config gcc, "
-                    "then pip install libvirt-python")
-    conn = libvirt.open("test:///default")
-    try:
-        domain = conn.defineXML(xml)
-        try:
-            return domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
-        finally:
-            domain.undefine()
-    finally:
-        conn.close()
 
 
 # Elements in an order libvirt does not keep, text and a foreign element that look like <vcpu>.
