@@ -2,18 +2,18 @@
 
 libvirt starts the hook five times per guest start and stop, and each start of an interpreter that imports
 the package costs ~50 ms of CPU.  When SOCKET answers, the hook script hands its call here instead; when it
-does not (no server, another installation's, one from before an upgrade), the script runs the call itself,
-so the server speeds the hook up and is never needed for it to work.
+does not (no server, another installation's, one from before an upgrade), the call runs in the hook's own
+process, so the server speeds the hook up and is never needed for it to work.
 
 Protocol (one connection per call, root only): the script's client (perl, which starts in a fifth of
 Python's time) sends HEADER, the script's interpreter, its LIBRARY_PATHS joined by ":", the argument count
 and the arguments, each ended by a NUL, then the domain XML up to EOF.  The worker (a child forked per
 connection) takes the client's own stdout and stderr (pidfd_getfd: the very descriptors libvirt reads), answers
-``run`` before it starts the call, then ``exit N``; ``skip`` means "run it yourself": the script would
-import another installation of the package, the package's files changed since the server started (an
-upgrade: the server then exits, and systemd starts it again on the new code), or the client's descriptors
-cannot be taken.  Each call reads the config and the ledger as a call in its own process does; only the
-imports are done once.
+``run`` before it starts the call, then ``exit N``; ``skip`` means "run it yourself" (the client runs the
+script's Python half with the XML it holds): the script would import another installation of the package,
+the package's files changed since the server started (an upgrade: the server then exits, and systemd starts
+it again on the new code), or the client's descriptors cannot be taken.  Each call reads the config and
+the ledger as a call in its own process does; only the imports are done once.
 """
 
 from __future__ import annotations
